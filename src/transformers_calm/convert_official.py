@@ -1,0 +1,165 @@
+"""Convert checkpoints of the official CALM code (github.com/shaochenze/calm) into transformers-calm checkpoints.
+
+    python -m transformers_calm.convert_official --autoencoder SRC --output DST
+
+SRC is an official autoencoder directory (`config.json` plus weights as `model.safetensors` or `pytorch_model.bin`,
+sharded or not). An official CALM checkpoint directory also works as SRC: its embedded autoencoder (`ae_model.*`) is
+extracted. The result loads with `CalmAutoencoder.from_pretrained(DST)` or, after `import transformers_calm`,
+`AutoModel.from_pretrained(DST)`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .modeling_calm_autoencoder import CalmAutoencoder
+
+# Official AutoencoderConfig fields that map one-to-one onto ours.
+_AUTOENCODER_FIELDS = (
+    "vocab_size",
+    "patch_size",
+    "latent_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "kl_weight",
+    "kl_clamp",
+    "hidden_act",
+    "mlp_bias",
+    "rms_norm_eps",
+    "initializer_range",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def load_official_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of an official checkpoint directory: `.safetensors` or `.bin`, single file or sharded with an
+    index, preferring safetensors when both exist."""
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index_path = os.path.join(directory, index_name)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(directory, single_name)):
+            files = [single_name]
+        else:
+            continue
+        state_dict = {}
+        for name in files:
+            path = os.path.join(directory, name)
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state_dict.update(load_file(path))
+            else:
+                state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+        return state_dict
+    raise FileNotFoundError(
+        f"No weights in {directory!r}: expected model.safetensors, pytorch_model.bin, or a sharded index "
+        "(model.safetensors.index.json / pytorch_model.bin.index.json)."
+    )
+
+
+def autoencoder_config_from_official(official: dict) -> CalmAutoencoderConfig:
+    """Our config from an official `AutoencoderConfig` dict (its single `ae_dropout` drives both dropouts)."""
+    kwargs = {name: official[name] for name in _AUTOENCODER_FIELDS if name in official}
+    dropout = official.get("ae_dropout", 0.15)
+    # The official decoder projects with the encoder embedding matrix, tied by hand (its config says False).
+    return CalmAutoencoderConfig(
+        **kwargs, token_dropout=dropout, latent_dropout=dropout, tie_word_embeddings=True, dtype="float32"
+    )
+
+
+def autoencoder_state_dict_from_official(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict:
+    """Our autoencoder state dict from official tensors whose names start with `prefix` (`"ae_model."` inside an
+    official CALM checkpoint). The official `decoder.lm_head_weight` alias of the embedding is dropped: our decoder
+    ties `decoder.lm_head.weight` to `encoder.embed_tokens.weight`."""
+    converted = {}
+    for name, tensor in state_dict.items():
+        if not name.startswith(prefix):
+            continue
+        name = name[len(prefix) :]
+        if name == "decoder.lm_head_weight":
+            continue
+        converted[name] = tensor
+    if not converted:
+        raise ValueError(f"No autoencoder tensors with prefix {prefix!r} in the official checkpoint.")
+    return converted
+
+
+def convert_autoencoder(source: str) -> CalmAutoencoder:
+    """Load an official autoencoder (or the one embedded in an official CALM checkpoint) as a `CalmAutoencoder`."""
+    with open(os.path.join(source, "config.json")) as f:
+        official_config = json.load(f)
+    state_dict = load_official_state_dict(source)
+    prefix = "ae_model." if any(name.startswith("ae_model.") for name in state_dict) else ""
+    if prefix:
+        # An official CALM checkpoint: its config.json describes the LM; the AE keeps the LM's K, l and vocab.
+        # Its own sizes are read from the tensor shapes.
+        official_config = {
+            **{k: official_config[k] for k in ("vocab_size", "patch_size", "latent_size") if k in official_config},
+            **_autoencoder_sizes_from_tensors(state_dict, prefix),
+            **{k: official_config[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id") if k in official_config},
+        }
+    config = autoencoder_config_from_official(official_config)
+    model = CalmAutoencoder(config)
+    missing, unexpected = model.load_state_dict(autoencoder_state_dict_from_official(state_dict, prefix), strict=False)
+    missing = [name for name in missing if name != "decoder.lm_head.weight"]  # restored by tying
+    if missing or unexpected:
+        raise ValueError(
+            f"The official checkpoint in {source!r} does not match the autoencoder architecture: missing "
+            f"{missing}, unexpected {unexpected}."
+        )
+    model.tie_weights()
+    return model.eval()
+
+
+def _autoencoder_sizes_from_tensors(state_dict: dict[str, torch.Tensor], prefix: str) -> dict:
+    embed = state_dict[f"{prefix}encoder.embed_tokens.weight"]
+    latent2 = state_dict[f"{prefix}encoder.hidden_to_latent.weight"].shape[0]
+    gate = [k for k in state_dict if k.startswith(f"{prefix}encoder.encoder_layers.") and k.endswith("gate_proj.weight")]
+    dec = [k for k in state_dict if k.startswith(f"{prefix}decoder.decoder_layers.") and k.endswith("gate_proj.weight")]
+    return {
+        "vocab_size": embed.shape[0],
+        "hidden_size": embed.shape[1],
+        "latent_size": latent2 // 2,
+        "intermediate_size": state_dict[gate[0]].shape[0] if gate else 4 * embed.shape[1],
+        "num_encoder_layers": len(gate),
+        "num_decoder_layers": len(dec),
+        "patch_size": state_dict[f"{prefix}encoder.squeeze_layer.weight"].shape[1] // embed.shape[1],
+    }
+
+
+def copy_tokenizer_files(source: str, output: str) -> None:
+    for name in _TOKENIZER_FILES:
+        path = os.path.join(source, name)
+        if os.path.exists(path):
+            shutil.copy(path, os.path.join(output, name))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--autoencoder", required=True, help="official autoencoder (or CALM) checkpoint directory")
+    parser.add_argument("--output", required=True, help="directory to write the converted checkpoint to")
+    args = parser.parse_args(argv)
+
+    model = convert_autoencoder(args.autoencoder)
+    model.save_pretrained(args.output)
+    copy_tokenizer_files(args.autoencoder, args.output)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"Converted autoencoder ({num_params:,} parameters) from {args.autoencoder} to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The CALM chunk autoencoder (Shao et al., 2025, arXiv 2510.27688, section 2).
+
+A context-free variational autoencoder: every chunk of K tokens is encoded to a Gaussian posterior over one vector of
+size l and decoded back, independently of every other chunk. There is no attention; the only block is a pre-norm
+residual SwiGLU feed-forward layer, reused from transformers' Llama.
+"""
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+from transformers.utils import ModelOutput
+
+from .configuration_calm_autoencoder import CalmAutoencoderConfig
+
+
+class AtomicSavePreTrainedModel(PreTrainedModel):
+    """`PreTrainedModel` whose `save_pretrained` never leaves a half-written checkpoint.
+
+    Everything is first written into a temporary directory beside the destination. A new destination is then renamed
+    into place in one step; into an existing one (e.g. a Trainer `output_dir`) each file is moved with `os.replace`,
+    so a crash never leaves a truncated file.
+    """
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
+        save_directory = os.path.abspath(save_directory)
+        parent = os.path.dirname(save_directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(save_directory)}.tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should not be
+        try:
+            super().save_pretrained(tmp, *args, **kwargs)
+            if not os.path.exists(save_directory):
+                os.rename(tmp, save_directory)
+                return
+            for root, _, files in os.walk(tmp):
+                target_root = os.path.join(save_directory, os.path.relpath(root, tmp))
+                os.makedirs(target_root, exist_ok=True)
+                for name in files:
+                    os.replace(os.path.join(root, name), os.path.join(target_root, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class CalmAutoencoderOutput(ModelOutput):
+    """Output of [`CalmAutoencoder.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            `patch_size * reconstruction_loss + kl_weight * kl_loss`, the official training objective (a per-chunk
+            sum of token cross-entropies plus the weighted clipped KL). The same formula is used in eval mode so that
+            train and eval losses compare; the official eval loss is our `reconstruction_loss`.
+        reconstruction_loss (`torch.FloatTensor` of shape `()`):
+            Mean token cross-entropy of the decoded logits against the labels (positions labelled -100 excluded).
+        kl_loss (`torch.FloatTensor` of shape `()`):
+            KL divergence of the posterior from N(0, I), floored at `kl_clamp` per dimension, summed over the latent
+            dimensions and averaged over chunks.
+        reconstruction_accuracy (`torch.FloatTensor` of shape `()`):
+            Fraction of labelled tokens whose argmax prediction equals the label (a detached metric).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Decoder logits, in float32.
+        latent_mean (`torch.FloatTensor` of shape `(batch_size, sequence_length // patch_size, latent_size)`):
+            Posterior mean of every chunk.
+        latent_log_std (`torch.FloatTensor` of shape `(batch_size, sequence_length // patch_size, latent_size)`):
+            Posterior log standard deviation of every chunk.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    kl_loss: torch.FloatTensor | None = None
+    reconstruction_accuracy: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    latent_mean: torch.FloatTensor | None = None
+    latent_log_std: torch.FloatTensor | None = None
+
+
+class CalmAutoencoderLayer(nn.Module):
+    """Pre-norm residual feed-forward block: `x + SwiGLU(RMSNorm(x))`."""
+
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__()
+        self.layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.mlp(self.layernorm(hidden_states))
+
+
+class CalmEncoder(nn.Module):
+    """Token ids `(batch, num_chunks, K)` -> posterior parameters `(batch, num_chunks, 2 * latent_size)`."""
+
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.encoder_layers = nn.ModuleList([CalmAutoencoderLayer(config) for _ in range(config.num_encoder_layers)])
+        self.squeeze_layer = nn.Linear(config.patch_size * config.hidden_size, config.hidden_size)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hidden_to_latent = nn.Linear(config.hidden_size, 2 * config.latent_size)
+
+    def forward(self, chunk_ids: torch.LongTensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(chunk_ids)
+        if self.training and self.config.cast_embeddings_to_bf16_in_training:
+            hidden_states = hidden_states.to(torch.bfloat16)
+        half = self.config.num_encoder_layers // 2
+        for layer in self.encoder_layers[:half]:  # per token
+            hidden_states = layer(hidden_states)
+        # Concatenate the K token vectors of a chunk, in token order, into one vector.
+        hidden_states = self.squeeze_layer(hidden_states.flatten(-2))
+        for layer in self.encoder_layers[half:]:  # per chunk
+            hidden_states = layer(hidden_states)
+        return self.hidden_to_latent(self.norm(hidden_states))
+
+
+class CalmDecoder(nn.Module):
+    """Latents `(batch, num_chunks, latent_size)` -> hidden states `(batch, num_chunks * K, hidden_size)`."""
+
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.latent_to_hidden = nn.Linear(config.latent_size, config.hidden_size)
+        self.decoder_layers = nn.ModuleList([CalmAutoencoderLayer(config) for _ in range(config.num_decoder_layers)])
+        self.expand_layer = nn.Linear(config.hidden_size, config.patch_size * config.hidden_size)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.latent_to_hidden(latents)
+        half = self.config.num_decoder_layers // 2
+        for layer in self.decoder_layers[:half]:  # per chunk
+            hidden_states = layer(hidden_states)
+        # Slice k of the expanded vector becomes token k of the chunk.
+        hidden_states = self.expand_layer(hidden_states)
+        hidden_states = hidden_states.unflatten(-1, (self.config.patch_size, self.config.hidden_size)).flatten(-3, -2)
+        for layer in self.decoder_layers[half:]:  # per token
+            hidden_states = layer(hidden_states)
+        return self.lm_head(self.norm(hidden_states))
+
+
+class CalmAutoencoderPreTrainedModel(AtomicSavePreTrainedModel):
+    config_class = CalmAutoencoderConfig
+    base_model_prefix = "autoencoder"
+    main_input_name = "input_ids"
+    _no_split_modules = ["CalmAutoencoderLayer"]
+
+
+class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
+    """The CALM chunk autoencoder: `encode` maps every K tokens to a Gaussian posterior over one latent vector,
+    `decode` maps latent vectors back to token logits, and `forward` computes the training objective.
+
+    Training mode follows the paper and the official code, in this order: DropToken on the encoder input, sampling
+    from the posterior (reparameterisation), DropLatent (inverted dropout), per-dimension KL clipping. Eval mode is
+    deterministic: no dropout, and the decoder reads the posterior mean (the official code also samples in eval).
+    """
+
+    _tied_weights_keys = {"decoder.lm_head.weight": "encoder.embed_tokens.weight"}
+
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__(config)
+        self.encoder = CalmEncoder(config)
+        self.decoder = CalmDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.encoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear):
+        self.decoder.lm_head = value
+
+    @property
+    def patch_size(self) -> int:
+        """K, the number of tokens per chunk."""
+        return self.config.patch_size
+
+    def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0 or input_ids.shape[1] % self.patch_size:
+            raise ValueError(
+                f"sequence_length ({input_ids.shape[1]}) must be a positive multiple of patch_size (K = "
+                f"{self.patch_size}): the autoencoder encodes whole chunks of K tokens. Pad or truncate the sequence "
+                f"to a multiple of {self.patch_size}, or group texts into blocks whose length is a multiple of K."
+            )
+
+    def encode(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior of every chunk of K tokens.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids; `sequence_length` must be a multiple of `patch_size`.
+
+        Returns:
+            `(mean, log_std)`, each of shape `(batch_size, sequence_length // patch_size, latent_size)`.
+        """
+        self._check_input_ids(input_ids)
+        chunk_ids = input_ids.unflatten(1, (-1, self.patch_size))
+        return self.encoder(chunk_ids).chunk(2, dim=-1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Token logits of latent vectors.
+
+        Args:
+            latents (`torch.FloatTensor` of shape `(batch_size, num_latents, latent_size)`):
+                One vector per chunk.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, num_latents * patch_size, vocab_size)`.
+        """
+        if latents.dim() != 3 or latents.shape[-1] != self.config.latent_size:
+            raise ValueError(
+                f"latents must have shape (batch_size, num_latents, latent_size={self.config.latent_size}), "
+                f"got {tuple(latents.shape)}."
+            )
+        return self.decoder(latents)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+    ) -> CalmAutoencoderOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids to reconstruct; `sequence_length` must be a multiple of `patch_size`.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Reconstruction targets; -100 excludes a position from the loss and the accuracy. Defaults to
+                `input_ids` (the official scripts use labels = input_ids, pads included).
+            attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Positions with 0 are excluded from the loss and the accuracy (their labels become -100).
+            return_dict (`bool`, *optional*):
+                Whether to return a [`CalmAutoencoderOutput`] instead of a tuple.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        self._check_input_ids(input_ids)
+        if labels is None:
+            labels = input_ids
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}.")
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, -100)
+
+        encoder_ids = input_ids
+        if self.training and config.token_dropout > 0:
+            # DropToken: the encoder sees a replacement id; the labels keep the original token.
+            dropped = torch.rand_like(input_ids, dtype=torch.float) <= config.token_dropout
+            encoder_ids = input_ids.masked_fill(dropped, config.token_dropout_replacement_id)
+
+        mean, log_std = self.encode(encoder_ids)
+        std = log_std.exp()
+        if self.training:
+            latents = mean + torch.randn_like(mean) * std
+            latents = F.dropout(latents, p=config.latent_dropout, training=True)
+        else:
+            latents = mean
+
+        # KL(N(mean, std^2) || N(0, 1)) per dimension, floored at kl_clamp (dimensions under the floor get no
+        # gradient), summed over the latent dimensions and averaged over chunks.
+        kl = 0.5 * (mean.pow(2) + std.pow(2) - 1 - 2 * log_std)
+        kl_loss = kl.clamp(min=config.kl_clamp).sum(-1).mean()
+
+        logits = self.decode(latents).float()
+        reconstruction_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(logits.device))
+        loss = config.patch_size * reconstruction_loss + config.kl_weight * kl_loss
+        with torch.no_grad():
+            labelled = labels != -100
+            correct = (logits.argmax(-1) == labels) & labelled
+            reconstruction_accuracy = correct.sum() / labelled.sum().clamp(min=1)
+
+        output = CalmAutoencoderOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction_loss,
+            kl_loss=kl_loss,
+            reconstruction_accuracy=reconstruction_accuracy,
+            logits=logits,
+            latent_mean=mean,
+            latent_log_std=log_std,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["CalmAutoencoder", "CalmAutoencoderOutput", "CalmAutoencoderPreTrainedModel"]
