@@ -1,19 +1,38 @@
 """transformers-calm: CALM (Continuous Autoregressive Language Models, arXiv 2510.27688) for Hugging Face
 transformers. Importing the package registers the CALM model types with the transformers Auto classes."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .configuration_calm import CalmConfig
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .modeling_calm import CalmCausalLMOutputWithPast, CalmEnergyHead, CalmForCausalLM, CalmModel, CalmPreTrainedModel
 from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput
 
 __version__ = "0.1.0"
 
 AutoConfig.register(CalmAutoencoderConfig.model_type, CalmAutoencoderConfig, exist_ok=True)
 AutoModel.register(CalmAutoencoderConfig, CalmAutoencoder, exist_ok=True)
+AutoConfig.register(CalmConfig.model_type, CalmConfig, exist_ok=True)
+AutoModel.register(CalmConfig, CalmModel, exist_ok=True)
+AutoModelForCausalLM.register(CalmConfig, CalmForCausalLM, exist_ok=True)
 
-# Saved checkpoints carry an auto_map and the module files, so they also load with trust_remote_code=True where
-# this package is not installed.
+# Saved checkpoints then carry an auto_map and the module files, so they also load with trust_remote_code=True
+# where this package is not installed.
 CalmAutoencoderConfig.register_for_auto_class()
 CalmAutoencoder.register_for_auto_class("AutoModel")
+CalmConfig.register_for_auto_class()
+CalmModel.register_for_auto_class("AutoModel")
+CalmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["CalmAutoencoder", "CalmAutoencoderConfig", "CalmAutoencoderOutput", "__version__"]
+__all__ = [
+    "CalmAutoencoder",
+    "CalmAutoencoderConfig",
+    "CalmAutoencoderOutput",
+    "CalmCausalLMOutputWithPast",
+    "CalmConfig",
+    "CalmEnergyHead",
+    "CalmForCausalLM",
+    "CalmModel",
+    "CalmPreTrainedModel",
+    "__version__",
+]

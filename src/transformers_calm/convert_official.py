@@ -1,11 +1,14 @@
 """Convert checkpoints of the official CALM code (github.com/shaochenze/calm) into transformers-calm checkpoints.
 
-    python -m transformers_calm.convert_official --autoencoder SRC --output DST
+    python -m transformers_calm.convert_official --autoencoder A --output DST             # a CalmAutoencoder
+    python -m transformers_calm.convert_official --autoencoder A --calm C --output DST    # a CalmForCausalLM
 
-SRC is an official autoencoder directory (`config.json` plus weights as `model.safetensors` or `pytorch_model.bin`,
-sharded or not). An official CALM checkpoint directory also works as SRC: its embedded autoencoder (`ae_model.*`) is
-extracted. The result loads with `CalmAutoencoder.from_pretrained(DST)` or, after `import transformers_calm`,
-`AutoModel.from_pretrained(DST)`.
+Official directories hold `config.json` and weights as `model.safetensors` or `pytorch_model.bin`, sharded or not.
+A is an official autoencoder directory; an official CALM directory also works as A, since every official CALM
+checkpoint embeds its autoencoder (`ae_model.*`). With `--calm`, the language model's backbone, input compression and
+energy head come from C and its autoencoder weights from C's embedded copy (A then supplies the autoencoder's
+hyper-parameters, such as its dropouts; `--autoencoder` may be omitted). The result loads with
+`CalmAutoencoder.from_pretrained(DST)` / `CalmForCausalLM.from_pretrained(DST)`, or through the Auto classes.
 """
 
 import argparse
@@ -15,7 +18,9 @@ import shutil
 
 import torch
 
+from .configuration_calm import CalmConfig
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .modeling_calm import CalmForCausalLM
 from .modeling_calm_autoencoder import CalmAutoencoder
 
 # Official AutoencoderConfig fields that map one-to-one onto ours.
@@ -36,6 +41,38 @@ _AUTOENCODER_FIELDS = (
     "pad_token_id",
     "bos_token_id",
     "eos_token_id",
+)
+# Official CALMConfig fields that map one-to-one onto ours (its `beta` is our `energy_alpha`).
+_CALM_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+    "initializer_range",
+    "patch_size",
+    "latent_size",
+    "num_mlp_layers",
+    "noise_size",
+    "num_samples",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+# Official CALM tensor-name prefixes -> ours. `generative_head.*` duplicates `mlp_generator.*` (one module registered
+# under two names): .bin files hold both, safetensors exports usually one.
+_CALM_PREFIXES = (
+    ("transformer.", "model.backbone."),
+    ("embed_proj.", "model.embed_proj."),
+    ("mlp_generator.", "generative_head."),
+    ("generative_head.", "generative_head."),
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -141,6 +178,68 @@ def _autoencoder_sizes_from_tensors(state_dict: dict[str, torch.Tensor], prefix:
     }
 
 
+def calm_config_from_official(official: dict, autoencoder_config: CalmAutoencoderConfig) -> CalmConfig:
+    """Our config from an official `CALMConfig` dict and the autoencoder's config."""
+    if official.get("model_type", "energy") not in ("energy", "calm"):
+        raise ValueError(
+            f"Only the energy head is supported; this checkpoint's model_type is {official['model_type']!r}."
+        )
+    kwargs = {name: official[name] for name in _CALM_FIELDS if official.get(name) is not None}
+    rope_scaling = official.get("rope_scaling")
+    rope_parameters = {"rope_type": "default", "rope_theta": official.get("rope_theta", 10000.0)}
+    if rope_scaling:
+        rope_parameters.update(rope_type=rope_scaling.get("rope_type", rope_scaling.get("type")), factor=rope_scaling["factor"])
+    return CalmConfig(
+        **kwargs,
+        energy_alpha=official.get("beta", 1.0),
+        rope_parameters=rope_parameters,
+        autoencoder_config=autoencoder_config.to_dict(),
+        dtype="float32",
+    )
+
+
+def calm_state_dict_from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our `CalmForCausalLM` tensors (autoencoder excluded) from an official CALM state dict."""
+    converted = {}
+    for name, tensor in state_dict.items():
+        for official_prefix, prefix in _CALM_PREFIXES:
+            if name.startswith(official_prefix):
+                converted.setdefault(prefix + name[len(official_prefix) :], tensor)
+                break
+        else:
+            if not name.startswith("ae_model.") and not name.endswith("rotary_emb.inv_freq"):
+                raise ValueError(f"Unexpected tensor {name!r} in the official CALM checkpoint.")
+    return converted
+
+
+def convert_calm(calm_source: str, autoencoder_source: str | None = None) -> CalmForCausalLM:
+    """Load an official CALM (energy) checkpoint, with its embedded autoencoder, as a `CalmForCausalLM`."""
+    with open(os.path.join(calm_source, "config.json")) as f:
+        official_config = json.load(f)
+    state_dict = load_official_state_dict(calm_source)
+    embedded = any(name.startswith("ae_model.") for name in state_dict)
+    if not embedded and autoencoder_source is None:
+        raise ValueError(f"{calm_source!r} holds no embedded autoencoder (ae_model.*): pass --autoencoder.")
+    autoencoder = convert_autoencoder(autoencoder_source or calm_source)
+    if embedded and autoencoder_source is not None:
+        # Hyper-parameters (dropouts, KL) from the standalone autoencoder; weights from the copy the LM was trained
+        # with.
+        embedded_weights = autoencoder_state_dict_from_official(state_dict, "ae_model.")
+        autoencoder.load_state_dict(embedded_weights, strict=False)
+        autoencoder.tie_weights()
+    config = calm_config_from_official(official_config, autoencoder.config)
+    model = CalmForCausalLM(config)
+    missing, unexpected = model.load_state_dict(calm_state_dict_from_official(state_dict), strict=False)
+    missing = [name for name in missing if not name.startswith("autoencoder.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"The official CALM checkpoint in {calm_source!r} does not match the architecture: missing {missing}, "
+            f"unexpected {unexpected}."
+        )
+    model.autoencoder.load_state_dict(autoencoder.state_dict())
+    return model.eval()
+
+
 def copy_tokenizer_files(source: str, output: str) -> None:
     for name in _TOKENIZER_FILES:
         path = os.path.join(source, name)
@@ -150,15 +249,24 @@ def copy_tokenizer_files(source: str, output: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--autoencoder", required=True, help="official autoencoder (or CALM) checkpoint directory")
+    parser.add_argument("--autoencoder", help="official autoencoder (or CALM) checkpoint directory")
+    parser.add_argument("--calm", help="official CALM (energy) checkpoint directory: convert the language model")
     parser.add_argument("--output", required=True, help="directory to write the converted checkpoint to")
     args = parser.parse_args(argv)
+    if args.autoencoder is None and args.calm is None:
+        parser.error("pass --autoencoder, --calm, or both")
 
-    model = convert_autoencoder(args.autoencoder)
+    if args.calm is not None:
+        model = convert_calm(args.calm, args.autoencoder)
+        kind, sources = "CALM language model", [args.calm] + ([args.autoencoder] if args.autoencoder else [])
+    else:
+        model = convert_autoencoder(args.autoencoder)
+        kind, sources = "autoencoder", [args.autoencoder]
     model.save_pretrained(args.output)
-    copy_tokenizer_files(args.autoencoder, args.output)
+    for source in reversed(sources):  # the CALM checkpoint's tokenizer wins
+        copy_tokenizer_files(source, args.output)
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"Converted autoencoder ({num_params:,} parameters) from {args.autoencoder} to {args.output}")
+    print(f"Converted {kind} ({num_params:,} parameters) from {', '.join(sources)} to {args.output}")
 
 
 if __name__ == "__main__":

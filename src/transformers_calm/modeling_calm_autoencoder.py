@@ -26,9 +26,17 @@ class AtomicSavePreTrainedModel(PreTrainedModel):
     Everything is first written into a temporary directory beside the destination. A new destination is then renamed
     into place in one step; into an existing one (e.g. a Trainer `output_dir`) each file is moved with `os.replace`,
     so a crash never leaves a truncated file.
+
+    When the class is registered for an Auto class (the package does it on import), the saved config gets an
+    `auto_map` naming every Auto class of `_auto_map_entries`, so that the directory also loads with
+    `trust_remote_code=True` where this package is not installed (transformers alone writes only the saved class).
     """
 
+    _auto_map_entries: dict[str, str] = {}
+
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if getattr(self, "_auto_class", None) is not None and self._auto_map_entries:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map_entries}
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
         save_directory = os.path.abspath(save_directory)
@@ -151,6 +159,10 @@ class CalmDecoder(nn.Module):
 class CalmAutoencoderPreTrainedModel(AtomicSavePreTrainedModel):
     config_class = CalmAutoencoderConfig
     base_model_prefix = "autoencoder"
+    _auto_map_entries = {
+        "AutoConfig": "configuration_calm_autoencoder.CalmAutoencoderConfig",
+        "AutoModel": "modeling_calm_autoencoder.CalmAutoencoder",
+    }
     main_input_name = "input_ids"
     _no_split_modules = ["CalmAutoencoderLayer"]
 

@@ -1,0 +1,468 @@
+"""CALM: Continuous Autoregressive Language Model (Shao et al., 2025, arXiv 2510.27688, section 3).
+
+The backbone is transformers' own `LlamaModel`. Its input at chunk i is the official "input compression" of chunk i's
+K token embeddings; its final hidden state at chunk i conditions an energy head that samples the latent vector of
+chunk i + 1 in one step. The frozen autoencoder maps target chunks to latent posteriors (training) and sampled latent
+vectors back to tokens (generation).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlamaModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration_calm import CalmConfig
+from .modeling_calm_autoencoder import AtomicSavePreTrainedModel, CalmAutoencoder
+
+
+@dataclass
+class CalmCausalLMOutputWithPast(ModelOutput):
+    """Output of [`CalmForCausalLM.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            Energy loss, the negative energy score averaged over predicted chunks:
+            `2 * energy_fidelity - energy_diversity`.
+        energy_fidelity (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean distance `||x - y||^alpha` between head samples x and targets y drawn from the autoencoder
+            posterior (lower is better).
+        energy_diversity (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean distance `||x - x'||^alpha` between two different head samples of the same position (it rewards
+            spread, so that the head models a distribution rather than a point).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`):
+            Backbone output after the final norm, one position per chunk; position i conditions chunk i + 1.
+        past_key_values (`Cache`, *optional*):
+            The backbone's key/value cache (one entry per chunk), when `use_cache=True`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The backbone's hidden states as transformers returns them: the input vectors, then the output of each
+            layer; the last one after the final norm. One position per chunk.
+    """
+
+    loss: torch.FloatTensor | None = None
+    energy_fidelity: torch.FloatTensor | None = None
+    energy_diversity: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CalmEnergyHeadBlock(nn.Module):
+    """Residual gated block: `x + down(SiLU(g) * v)` with `[g, v] = MLP([LayerNorm(x), c])`. The condition c (the
+    projected backbone state) enters only through the concatenation, as in the official code."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.linears = nn.Sequential(
+            nn.Linear(2 * hidden_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, 2 * hidden_size),
+        )
+        self.down_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linears(torch.cat((self.in_ln(x), condition), dim=-1)).chunk(2, dim=-1)
+        return x + self.down_proj(nn.functional.silu(gate) * up)
+
+
+class CalmEnergyHeadFinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, latent_size: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.linears = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, latent_size))
+        # The head starts by predicting the zero vector, as in the official code (see `_init_weights`).
+        self.linears[-1]._zero_init = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linears(self.in_ln(x))
+
+
+class CalmEnergyHead(nn.Module):
+    """The energy generative head (the official `MLPGenerator`): turns a backbone hidden state and uniform noise into
+    one sample of the next chunk's latent vector, in a single forward pass."""
+
+    def __init__(self, config: CalmConfig):
+        super().__init__()
+        self.noise_size = config.noise_size
+        self.noise_embd = nn.Linear(config.noise_size, config.hidden_size)
+        self.hidden_embd = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm_hidden = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.norm_noise = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.mlp_blocks = nn.ModuleList([CalmEnergyHeadBlock(config.hidden_size) for _ in range(config.num_mlp_layers)])
+        self.final_layer = CalmEnergyHeadFinalLayer(config.hidden_size, config.latent_size)
+
+    def sample_noise(self, hidden_states: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform noise in [-0.5, 0.5), one vector of `noise_size` per hidden state."""
+        shape = (*hidden_states.shape[:-1], self.noise_size)
+        uniform = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device, generator=generator)
+        return uniform - 0.5
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(..., hidden_size)`):
+                Backbone states; any leading shape. Repeat them along a new leading dimension to draw several
+                samples per state.
+            noise (`torch.FloatTensor` of shape `(..., noise_size)`, *optional*):
+                The noise to transform, with the leading shape of `hidden_states`; drawn uniformly from
+                [-0.5, 0.5) when `None`.
+            generator (`torch.Generator`, *optional*):
+                Random generator for the noise when it is drawn.
+
+        Returns:
+            `torch.FloatTensor` of shape `(..., latent_size)`: one latent sample per hidden state.
+        """
+        if noise is None:
+            noise = self.sample_noise(hidden_states, generator)
+        elif noise.shape[:-1] != hidden_states.shape[:-1] or noise.shape[-1] != self.noise_size:
+            raise ValueError(
+                f"noise must have shape {(*hidden_states.shape[:-1], self.noise_size)} (the leading shape of "
+                f"hidden_states, then noise_size), got {tuple(noise.shape)}."
+            )
+        condition = self.norm_hidden(self.hidden_embd(hidden_states))  # computed once, shared by every block
+        x = self.norm_noise(self.noise_embd(noise.to(hidden_states.dtype)))
+        for block in self.mlp_blocks:
+            x = block(x, condition)
+        return self.final_layer(x)
+
+
+def _distance_power(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`||a_i - b_j||^alpha` for all pairs, batched: a `(P, I, l)`, b `(P, J, l)` -> `(P, I, J)`.
+
+    Uses `|a|^2 + |b|^2 - 2 a.b` so that memory is `P * I * J` rather than `P * I * J * l` (the official code
+    materialises all differences: gigabytes for M = 100 targets). Squared distances are floored at a tiny value, so
+    the gradient is finite and zero where two points coincide (the plain norm's gradient is NaN at 0).
+    """
+    squared = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1).unsqueeze(-2) - 2 * a @ b.transpose(-1, -2)
+    return squared.clamp(min=1e-20).pow(alpha / 2)
+
+
+def energy_score_terms(
+    samples: torch.Tensor, target_mean: torch.Tensor, target_log_std: torch.Tensor, num_targets: int, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of the energy score, per position.
+
+    Args:
+        samples: `(N, ..., l)` head samples per position.
+        target_mean, target_log_std: `(..., l)` autoencoder posterior of the true next chunk per position.
+        num_targets: M, target samples drawn per position from the posterior.
+        alpha: distance exponent.
+
+    Returns:
+        `(fidelity, diversity)`, each `(...)`: mean of `||x_n - y_m||^alpha` over the N x M pairs, and mean of
+        `||x_i - x_j||^alpha` over the N(N-1) ordered pairs with i != j. The energy loss is `2 * fidelity -
+        diversity`. Computed in float32 whatever the autocast state: the distance expansion cancels badly in bf16.
+    """
+    num_samples = samples.shape[0]
+    batch_shape = samples.shape[1:-1]
+    with torch.autocast(device_type=samples.device.type, enabled=False):
+        samples = samples.float()
+        std = target_log_std.float().exp()
+        eps = torch.randn((num_targets, *target_mean.shape), device=target_mean.device, dtype=torch.float32)
+        targets = target_mean.float() + eps * std  # (M, ..., l)
+        x = samples.flatten(1, -2).transpose(0, 1)  # (P, N, l)
+        y = targets.flatten(1, -2).transpose(0, 1)  # (P, M, l)
+        fidelity = _distance_power(x, y, alpha).mean(dim=(-2, -1))
+        off_diagonal = ~torch.eye(num_samples, dtype=torch.bool, device=x.device)
+        diversity = (_distance_power(x, x, alpha) * off_diagonal).sum(dim=(-2, -1)) / (num_samples * (num_samples - 1))
+    return fidelity.reshape(batch_shape), diversity.reshape(batch_shape)
+
+
+class CalmPreTrainedModel(AtomicSavePreTrainedModel):
+    config_class = CalmConfig
+    base_model_prefix = "model"
+    _auto_map_entries = {
+        "AutoConfig": "configuration_calm.CalmConfig",
+        "AutoModel": "modeling_calm.CalmModel",
+        "AutoModelForCausalLM": "modeling_calm.CalmForCausalLM",
+    }
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "CalmEnergyHeadBlock", "CalmAutoencoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The energy loss is a per-batch mean: Trainer must divide it by gradient_accumulation_steps itself.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if getattr(module, "_zero_init", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class CalmModel(CalmPreTrainedModel):
+    """The CALM backbone: token embeddings compressed per chunk, then transformers' `LlamaModel`. Returns one hidden
+    state per chunk of K tokens."""
+
+    def __init__(self, config: CalmConfig):
+        super().__init__(config)
+        # The Llama's own token embedding (padding_idx = pad_token_id) is CALM's input embedding.
+        self.backbone = LlamaModel(config)
+        # Input compression: the K token embeddings of a chunk, concatenated in token order, to one vector.
+        self.embed_proj = nn.Sequential(
+            nn.Linear(config.patch_size * config.hidden_size, 2 * config.hidden_size),
+            nn.SiLU(),
+            nn.Linear(2 * config.hidden_size, config.hidden_size),
+            nn.LayerNorm(config.hidden_size, eps=1e-6),
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.backbone.embed_tokens = value
+
+    def embed_chunks(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Input vectors `(batch, num_chunks, hidden_size)` of token ids `(batch, num_chunks * K)`."""
+        check_sequence_length(input_ids, self.config.patch_size)
+        embeddings = self.backbone.embed_tokens(input_ids)
+        return self.embed_proj(embeddings.unflatten(1, (-1, self.config.patch_size)).flatten(-2))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Token ids; `sequence_length` must be a multiple of `patch_size` (K).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Token-level mask (1 = real token, 0 = padding). A chunk is attended to when any of its tokens is.
+                A chunk-level mask of shape `(batch_size, past_chunks + num_chunks)` is also accepted.
+            position_ids (`torch.LongTensor` of shape `(batch_size, num_chunks)`, *optional*):
+                Chunk positions; by default they continue from the cache length.
+            past_key_values (`Cache`, *optional*):
+                Key/value cache of earlier chunks (e.g. a `DynamicCache`).
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`, *optional*):
+                Already compressed chunk vectors, instead of `input_ids`.
+            use_cache (`bool`, *optional*):
+                Whether to return the key/value cache.
+            output_hidden_states (`bool`, *optional*):
+                Whether to return the hidden states of all layers.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_chunks(input_ids)
+        if attention_mask is not None:
+            attention_mask = chunk_attention_mask(attention_mask, inputs_embeds.shape[1], past_key_values, self.config)
+        return self.backbone(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+
+
+def check_sequence_length(input_ids: torch.LongTensor, patch_size: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+    if input_ids.shape[1] == 0 or input_ids.shape[1] % patch_size:
+        raise ValueError(
+            f"sequence_length ({input_ids.shape[1]}) must be a positive multiple of patch_size (K = {patch_size}): "
+            f"CALM reads and predicts whole chunks of K tokens. Pad or truncate to a multiple of {patch_size}, or "
+            "group texts into blocks whose length is a multiple of K."
+        )
+
+
+def chunk_attention_mask(
+    attention_mask: torch.Tensor, num_chunks: int, past_key_values: Cache | None, config: CalmConfig
+) -> torch.Tensor:
+    """A chunk-level mask `(batch, past + num_chunks)` from a token-level or chunk-level one."""
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if attention_mask.shape[1] == past + num_chunks:
+        return attention_mask
+    if attention_mask.shape[1] == (past + num_chunks) * config.patch_size:
+        return attention_mask.unflatten(1, (-1, config.patch_size)).any(-1).to(attention_mask.dtype)
+    raise ValueError(
+        f"attention_mask has length {attention_mask.shape[1]}; expected one entry per token "
+        f"({(past + num_chunks) * config.patch_size}) or per chunk ({past + num_chunks}), past included."
+    )
+
+
+class CalmForCausalLM(CalmPreTrainedModel):
+    """CALM with its energy head and its frozen autoencoder.
+
+    The autoencoder is a submodule, saved and loaded in the same checkpoint, always in eval mode and without
+    gradients. Start a new language model from a trained autoencoder with [`CalmForCausalLM.from_autoencoder`].
+    """
+
+    def __init__(self, config: CalmConfig):
+        super().__init__(config)
+        self.model = CalmModel(config)
+        self.generative_head = CalmEnergyHead(config)
+        self.autoencoder = CalmAutoencoder(config.autoencoder_config)
+        self.autoencoder.requires_grad_(False)
+        self.post_init()
+        self.autoencoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: no DropToken/DropLatent, no bf16 embedding cast, in LM training either
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.set_input_embeddings(value)
+
+    @classmethod
+    def from_autoencoder(cls, autoencoder: CalmAutoencoder, config: CalmConfig | None = None, **config_kwargs):
+        """A new, randomly initialised language model around a trained (frozen) autoencoder.
+
+        Args:
+            autoencoder ([`CalmAutoencoder`]):
+                The trained autoencoder; its weights are copied into the model.
+            config ([`CalmConfig`], *optional*):
+                Backbone and head configuration; its `autoencoder_config` is replaced by the autoencoder's. When
+                `None`, a `CalmConfig` is built from `config_kwargs` and the autoencoder's vocab size, K, l and
+                special tokens.
+            config_kwargs:
+                Fields of `CalmConfig` (e.g. `hidden_size=1024`), when `config` is `None`.
+        """
+        ae_config = autoencoder.config
+        if config is None:
+            defaults = {
+                name: getattr(ae_config, name)
+                for name in ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")
+            }
+            config = CalmConfig(**{**defaults, **config_kwargs}, autoencoder_config=ae_config.to_dict())
+        else:
+            config = CalmConfig(**{**config.to_dict(), "autoencoder_config": ae_config.to_dict()})
+        model = cls(config)
+        model.autoencoder.load_state_dict(autoencoder.state_dict())
+        return model.to(autoencoder.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CalmCausalLMOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids; `sequence_length` must be a multiple of `patch_size` (K). Chunk i is read at backbone
+                position i.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding. Padded chunks are not attended to and not predicted.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Usually `input_ids`. The hidden state of chunk i is trained to predict chunk i + 1 of `labels`; a
+                target chunk counts only if none of its K labels is -100 (and none of its tokens is padding).
+            past_key_values (`Cache`, *optional*):
+                Key/value cache of earlier chunks.
+            use_cache (`bool`, *optional*):
+                Whether to return the cache; defaults to `config.use_cache` in eval mode and `False` in training.
+            output_hidden_states (`bool`, *optional*):
+                Whether to return the hidden states of all backbone layers.
+            return_dict (`bool`, *optional*):
+                Whether to return a [`CalmCausalLMOutputWithPast`] instead of a tuple.
+            position_ids (`torch.LongTensor` of shape `(batch_size, num_chunks)`, *optional*):
+                Chunk positions.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+
+        loss = fidelity = diversity = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}.")
+            if input_ids.shape[1] < 2 * self.config.patch_size:
+                raise ValueError(
+                    f"The energy loss needs at least two chunks (2 * K = {2 * self.config.patch_size} tokens): "
+                    f"chunk i + 1 is predicted from chunks 0..i; got sequence_length {input_ids.shape[1]}."
+                )
+            loss, fidelity, diversity = self.energy_loss(hidden_states[:, :-1], labels, attention_mask)
+
+        output = CalmCausalLMOutputWithPast(
+            loss=loss,
+            energy_fidelity=fidelity,
+            energy_diversity=diversity,
+            last_hidden_state=hidden_states,
+            past_key_values=outputs.past_key_values if use_cache else None,
+            hidden_states=outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def energy_loss(
+        self, hidden_states: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Energy loss of predicting chunks 1..L-1 of `labels` from `hidden_states` `(batch, L - 1, hidden_size)`.
+
+        Returns `(loss, fidelity, diversity)`, each a mean over the valid target chunks.
+        """
+        K = self.config.patch_size
+        target_ids = labels[:, K:]
+        valid = target_ids != -100
+        if attention_mask is not None and attention_mask.shape == labels.shape:
+            valid = valid & (attention_mask[:, K:] != 0)
+        valid_chunks = valid.unflatten(1, (-1, K)).all(-1)  # (batch, L - 1)
+        with torch.no_grad():
+            mean, log_std = self.autoencoder.encode(target_ids.masked_fill(target_ids == -100, 0))
+        # N head samples per position, each with its own noise; noise is drawn before the targets, as officially.
+        samples = self.generative_head(hidden_states.unsqueeze(0).expand(self.config.num_samples, *hidden_states.shape))
+        fidelity, diversity = energy_score_terms(
+            samples, mean, log_std, num_targets=self.config.num_targets, alpha=self.config.energy_alpha
+        )
+        weights = valid_chunks.to(fidelity.dtype)
+        count = weights.sum().clamp(min=1)
+        fidelity = (fidelity * weights).sum() / count
+        diversity = (diversity * weights).sum() / count
+        return 2 * fidelity - diversity, fidelity, diversity
+
+
+__all__ = [
+    "CalmCausalLMOutputWithPast",
+    "CalmEnergyHead",
+    "CalmForCausalLM",
+    "CalmModel",
+    "CalmPreTrainedModel",
+    "energy_score_terms",
+]
