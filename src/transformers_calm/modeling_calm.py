@@ -6,18 +6,32 @@ chunk i + 1 in one step. The frozen autoencoder maps target chunks to latent pos
 vectors back to tokens (generation).
 """
 
+import copy
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import LlamaModel
+from transformers import GenerationConfig, GenerationMixin, LlamaModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerateDecoderOnlyOutput, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_calm import CalmConfig
 from .modeling_calm_autoencoder import AtomicSavePreTrainedModel, CalmAutoencoder
+from .sampling import batch_temperature_sample, check_temperature, exact_temperature_sample, mode_sample
+
+# CALM's generation settings beyond transformers' GenerationConfig fields. They live in the model's default
+# GenerationConfig (GenerationConfig.update only sets keys that already exist) and round-trip through
+# generation_config.json.
+CALM_GENERATION_DEFAULTS = {
+    "num_candidates": 200,  # N of the batch approximation (the paper's pool), also the pool for do_sample=False
+    "exact_temperature": False,  # True: the paper's exact rejection sampler (Algorithm 1) instead
+    "max_draws": 10_000,  # draws per row before the exact sampler falls back to the approximation
+}
+DEFAULT_MAX_NEW_TOKENS = 20
 
 
 @dataclass
@@ -231,10 +245,16 @@ class CalmModel(CalmPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.backbone.embed_tokens = value
 
-    def embed_chunks(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Input vectors `(batch, num_chunks, hidden_size)` of token ids `(batch, num_chunks * K)`."""
+    def embed_chunks(self, input_ids: torch.LongTensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Input vectors `(batch, num_chunks, hidden_size)` of token ids `(batch, num_chunks * K)`.
+
+        Tokens where `token_mask` is 0 contribute a zero embedding, whatever their id (the official model reads its
+        `[PAD]` id, whose embedding row is zero), so a partly padded chunk is read the same way for any pad id.
+        """
         check_sequence_length(input_ids, self.config.patch_size)
         embeddings = self.backbone.embed_tokens(input_ids)
+        if token_mask is not None:
+            embeddings = embeddings * token_mask.unsqueeze(-1).to(embeddings.dtype)
         return self.embed_proj(embeddings.unflatten(1, (-1, self.config.patch_size)).flatten(-2))
 
     def forward(
@@ -252,9 +272,10 @@ class CalmModel(CalmPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Token ids; `sequence_length` must be a multiple of `patch_size` (K).
-            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Token-level mask (1 = real token, 0 = padding). A chunk is attended to when any of its tokens is.
-                A chunk-level mask of shape `(batch_size, past_chunks + num_chunks)` is also accepted.
+            attention_mask (`torch.Tensor`, *optional*):
+                Token-level mask `(batch_size, (past_chunks + num_chunks) * K)` (1 = real token, 0 = padding): a
+                chunk is attended to when any of its tokens is, and padded tokens contribute a zero embedding to
+                their chunk. A chunk-level mask `(batch_size, past_chunks + num_chunks)` is also accepted.
             position_ids (`torch.LongTensor` of shape `(batch_size, num_chunks)`, *optional*):
                 Chunk positions; by default they continue from the cache length.
             past_key_values (`Cache`, *optional*):
@@ -269,7 +290,12 @@ class CalmModel(CalmPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_chunks(input_ids)
+            token_mask = None
+            if attention_mask is not None and attention_mask.shape[1] >= input_ids.shape[1] > 0:
+                past = past_key_values.get_seq_length() if past_key_values is not None else 0
+                if attention_mask.shape[1] == (past + input_ids.shape[1] // self.config.patch_size) * self.config.patch_size:
+                    token_mask = attention_mask[:, -input_ids.shape[1] :]
+            inputs_embeds = self.embed_chunks(input_ids, token_mask)
         if attention_mask is not None:
             attention_mask = chunk_attention_mask(attention_mask, inputs_embeds.shape[1], past_key_values, self.config)
         return self.backbone(
@@ -309,11 +335,12 @@ def chunk_attention_mask(
     )
 
 
-class CalmForCausalLM(CalmPreTrainedModel):
+class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
     """CALM with its energy head and its frozen autoencoder.
 
     The autoencoder is a submodule, saved and loaded in the same checkpoint, always in eval mode and without
     gradients. Start a new language model from a trained autoencoder with [`CalmForCausalLM.from_autoencoder`].
+    [`CalmForCausalLM.generate`] produces K tokens per backbone step.
     """
 
     def __init__(self, config: CalmConfig):
@@ -324,6 +351,10 @@ class CalmForCausalLM(CalmPreTrainedModel):
         self.autoencoder.requires_grad_(False)
         self.post_init()
         self.autoencoder.eval()
+        if self.generation_config is not None:
+            self.generation_config.do_sample = True  # CALM's head is a sampler; see `generate`
+            for name, value in CALM_GENERATION_DEFAULTS.items():
+                setattr(self.generation_config, name, value)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -456,6 +487,224 @@ class CalmForCausalLM(CalmPreTrainedModel):
         fidelity = (fidelity * weights).sum() / count
         diversity = (diversity * weights).sum() / count
         return 2 * fidelity - diversity, fidelity, diversity
+
+    # ----------------------------------------------------------------------------------------------- generation
+
+    def decode_chunk_tokens(self, latents: torch.Tensor, max_logits: int = 2**26) -> torch.LongTensor:
+        """Token ids `(..., K)` of latent vectors `(..., latent_size)`: the argmax of the autoencoder decoder.
+
+        The decoder runs on at most `max_logits` logits at a time, so that many candidates over a large vocabulary
+        (e.g. 200 x batch 32 x K 4 x 128k) never materialise at once.
+        """
+        flat = latents.reshape(-1, 1, latents.shape[-1])
+        per_latent = self.config.patch_size * self.config.vocab_size
+        step = max(1, max_logits // per_latent)
+        tokens = torch.cat([self.autoencoder.decode(flat[i : i + step]).argmax(-1) for i in range(0, len(flat), step)])
+        return tokens.reshape(*latents.shape[:-1], self.config.patch_size)
+
+    def sample_next_chunk(
+        self,
+        hidden_states: torch.Tensor,
+        temperature: float = 1.0,
+        do_sample: bool = True,
+        num_candidates: int = 200,
+        exact_temperature: bool = False,
+        max_draws: int = 10_000,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """The K token ids of the next chunk of every row, from the backbone's last hidden state `(batch, hidden)`.
+
+        - `do_sample=False`: the most frequent of `num_candidates` head samples (the T -> 0 limit of the batch
+          approximation; deterministic for a given generator state).
+        - `temperature=1`: one head sample per row, decoded by the autoencoder.
+        - `temperature < 1`: the paper's batch approximation from `num_candidates` samples
+          ([`~sampling.batch_temperature_sample`]), or with `exact_temperature=True` its exact rejection sampler
+          ([`~sampling.exact_temperature_sample`]).
+        """
+
+        def draw(num: int, rows: torch.Tensor | None = None) -> torch.LongTensor:
+            h = hidden_states if rows is None else hidden_states[rows]
+            latents = self.generative_head(h.unsqueeze(0).expand(num, *h.shape), generator=generator)
+            return self.decode_chunk_tokens(latents)
+
+        if not do_sample:
+            return mode_sample(draw(num_candidates))
+        if temperature == 1.0:
+            return draw(1)[0]
+        if exact_temperature:
+            return exact_temperature_sample(draw, temperature, generator=generator, max_draws=max_draws).samples
+        return batch_temperature_sample(draw(num_candidates), temperature, generator=generator)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer=None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
+        r"""Generate continuations, one chunk of K tokens per backbone step.
+
+        The prompt is read in one forward pass (prefill); then every step samples the next chunk's latent vector
+        with the energy head, decodes it to K tokens with the autoencoder, and feeds that chunk back through the KV
+        cache. Head, decoder and sampler run batched over rows.
+
+        Prompts: any length, batched with left padding and an `attention_mask` (right padding is rejected: pads
+        would sit between a prompt and its continuation). A prompt whose length is not a multiple of K is padded
+        on the LEFT up to the next multiple, so its first chunk is partial: the padded positions are masked out of
+        attention and contribute zero embeddings, and the chunk right before the continuation is always complete
+        (the official code instead right-pads and feeds the pads as context). The returned sequences are the
+        prompts as given followed by the continuations, as in transformers; no pad is ever inserted between them.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`):
+                Prompt token ids.
+            attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
+                1 for prompt tokens, 0 for left padding.
+            generation_config (`GenerationConfig`, *optional*):
+                Defaults to `model.generation_config`. Fields used: `max_new_tokens` / `max_length`,
+                `eos_token_id` (a row stops at an EOS anywhere inside a chunk; the chunk's tokens after it, and all
+                later tokens of that row, become `pad_token_id`), `pad_token_id`, `do_sample`, `temperature`,
+                `num_return_sequences`, `return_dict_in_generate`, and CALM's own: `num_candidates` (N of the batch
+                approximation, default 200), `exact_temperature` (default False) and `max_draws`.
+            stopping_criteria (`StoppingCriteriaList`, *optional*):
+                Extra criteria, called after every chunk with the sequences so far (scores are `None`).
+            streamer (`BaseStreamer`, *optional*):
+                Receives the prompt, then the K new tokens of every step (batch size 1).
+            generator (`torch.Generator`, *optional*):
+                Random generator for the head noise and the samplers; the global RNG when `None`.
+            kwargs:
+                Overrides of `generation_config` fields, e.g. `max_new_tokens=64, temperature=0.5`.
+
+        Temperature: `temperature` in (0, 1] targets P^(1/T) over chunks without likelihoods (values above 1
+        raise: repeated sampling can only sharpen). `do_sample=False` returns the most frequent of
+        `num_candidates` head samples.
+
+        Returns:
+            `torch.LongTensor` `(batch_size * num_return_sequences, prompt_length + new_tokens)`, or a
+            `GenerateDecoderOnlyOutput` with `sequences` (and `past_key_values`) when `return_dict_in_generate`.
+        """
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        if config is None:
+            config = GenerationConfig()
+        for name, value in CALM_GENERATION_DEFAULTS.items():
+            if not hasattr(config, name):
+                setattr(config, name, value)
+        unused = config.update(**kwargs)
+        if unused:
+            raise ValueError(f"generate() got unknown arguments {sorted(unused)}.")
+
+        K = self.config.patch_size
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError("input_ids must be a non-empty prompt of shape (batch_size, prompt_length).")
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}.")
+        attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
+            raise ValueError(
+                "Found right padding in attention_mask: pads would sit between a prompt and its continuation. "
+                "Pad prompts on the left (tokenizer.padding_side = 'left')."
+            )
+        if not attention_mask[:, -1].all():
+            raise ValueError("Every prompt needs at least one token (attention_mask row of zeros).")
+
+        temperature = 1.0 if config.temperature is None else check_temperature(config.temperature)
+        do_sample = True if config.do_sample is None else config.do_sample
+        num_candidates = int(config.num_candidates)
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")
+
+        prompt_length = input_ids.shape[1]
+        max_new_tokens = config.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = config.max_length - prompt_length if config.max_length is not None else DEFAULT_MAX_NEW_TOKENS
+        if max_new_tokens <= 0:
+            raise ValueError(
+                f"Nothing to generate: max_new_tokens is {max_new_tokens} (max_length {config.max_length}, prompt "
+                f"length {prompt_length}). Raise max_new_tokens or max_length."
+            )
+        if prompt_length + max_new_tokens > self.config.max_position_embeddings * K:
+            raise ValueError(
+                f"prompt_length + max_new_tokens = {prompt_length + max_new_tokens} tokens exceeds the model's "
+                f"context of max_position_embeddings * K = {self.config.max_position_embeddings * K} tokens."
+            )
+
+        eos_ids = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
+        eos_ids = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids or []), device=device)
+        pad_id = config.pad_token_id if config.pad_token_id is not None else self.config.pad_token_id
+        if pad_id is None and len(eos_ids):
+            pad_id = int(eos_ids[0])  # as transformers does when a model has no pad token
+        if pad_id is None and stopping_criteria:
+            raise ValueError(
+                "Finished rows are filled with pad_token_id, but the model has none: pass pad_token_id=... (e.g. "
+                "tokenizer.pad_token_id) or set model.generation_config.pad_token_id."
+            )
+
+        num_return = config.num_return_sequences or 1
+        if num_return > 1:
+            input_ids = input_ids.repeat_interleave(num_return, dim=0)
+            attention_mask = attention_mask.repeat_interleave(num_return, dim=0)
+        batch_size = input_ids.shape[0]
+        if streamer is not None:
+            if batch_size != 1:
+                raise ValueError("A streamer needs batch size 1 (and num_return_sequences=1).")
+            streamer.put(input_ids.cpu())
+
+        # Left-pad to whole chunks: the partial chunk is the first one, far from the continuation.
+        fill = (-prompt_length) % K
+        padded_ids = torch.nn.functional.pad(input_ids, (fill, 0), value=0 if pad_id is None else pad_id)
+        token_mask = torch.nn.functional.pad(attention_mask, (fill, 0), value=0)
+
+        cache = DynamicCache(config=self.config)
+        outputs = self.model(input_ids=padded_ids, attention_mask=token_mask, past_key_values=cache, use_cache=True)
+        criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
+        sampler = {
+            "temperature": temperature,
+            "do_sample": do_sample,
+            "num_candidates": num_candidates,
+            "exact_temperature": bool(config.exact_temperature),
+            "max_draws": int(config.max_draws),
+            "generator": generator,
+        }
+        sequences = input_ids
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        chunk_mask = torch.ones(batch_size, K, dtype=token_mask.dtype, device=device)
+        num_steps = math.ceil(max_new_tokens / K)
+        for step in range(num_steps):
+            chunk = self.sample_next_chunk(outputs.last_hidden_state[:, -1], **sampler)
+            if len(eos_ids):
+                is_eos = torch.isin(chunk, eos_ids)
+                after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+                chunk = chunk.masked_fill(after_eos | finished.unsqueeze(-1), pad_id)
+                finished = finished | is_eos.any(-1)
+            elif pad_id is not None:
+                chunk = chunk.masked_fill(finished.unsqueeze(-1), pad_id)
+            kept = chunk[:, : min(K, max_new_tokens - step * K)]
+            sequences = torch.cat([sequences, kept], dim=-1)
+            if streamer is not None:
+                streamer.put(kept.cpu())
+            if len(criteria):
+                finished = finished | criteria(sequences, None).to(device)
+            if finished.all() or step == num_steps - 1:
+                break
+            token_mask = torch.cat([token_mask, chunk_mask], dim=-1)
+            outputs = self.model(input_ids=chunk, attention_mask=token_mask, past_key_values=cache, use_cache=True)
+
+        if streamer is not None:
+            streamer.end()
+        if config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
+        return sequences
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        # Not used by `generate` (which drives the backbone itself); kept for tools that call it (e.g. peft).
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values}
 
 
 __all__ = [

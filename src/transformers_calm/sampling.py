@@ -1,0 +1,253 @@
+"""Likelihood-free temperature sampling (Shao et al., 2025, arXiv 2510.27688, section 5).
+
+CALM's head is a sampler without a likelihood, so temperature cannot be applied to logits. Both samplers here only
+need fresh samples of the outcome (a chunk of K token ids) and target P^(1/T) (normalised) for T in (0, 1]:
+
+- `exact_temperature_sample`: the paper's Algorithm 1, an exact rejection sampler. Write 1/T = n + alpha with n an
+  integer and alpha in [0, 1): n identical draws give an outcome x with probability P(x)^n, and a Bernoulli factory
+  accepts it with probability P(x)^alpha. Exact, but the expected number of draws grows quickly as T falls.
+- `batch_temperature_sample`: the paper's Algorithm 2, a batch approximation from N candidates that converges to
+  P^(1/T) as N grows.
+
+Both are vectorised over rows (the batch) and take a `torch.Generator` for reproducibility.
+"""
+
+import inspect
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+
+def check_temperature(temperature: float) -> float:
+    """Validate a likelihood-free sampling temperature, which must lie in (0, 1]."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or math.isnan(temperature):
+        raise ValueError(f"temperature must be a number in (0, 1], got {temperature!r}.")
+    if temperature <= 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature}. For the most likely chunk use do_sample=False (the mode "
+            "among the candidates), or a small temperature such as 0.1."
+        )
+    if temperature > 1:
+        raise ValueError(
+            f"temperature must be <= 1, got {temperature}: likelihood-free temperature sampling can only sharpen "
+            "the model's distribution (P^(1/T) is reached through repeated samples), not flatten it."
+        )
+    return float(temperature)
+
+
+def _split_inverse_temperature(temperature: float) -> tuple[int, float]:
+    """1/T = n + alpha, n integer, alpha in [0, 1); values within 1e-9 of an integer count as that integer."""
+    inverse = 1.0 / temperature
+    n = round(inverse)
+    if abs(inverse - n) > 1e-9:
+        n = math.floor(inverse)
+    return n, max(inverse - n, 0.0)
+
+
+class ExactSampleOutput(NamedTuple):
+    """Result of [`exact_temperature_sample`].
+
+    Attributes:
+        samples (`torch.LongTensor` of shape `(batch, K)`): one outcome per row.
+        num_draws (`torch.LongTensor` of shape `(batch,)`): draws each row consumed until it accepted (or until
+            `max_draws`).
+        exact (`torch.BoolTensor` of shape `(batch,)`): False for rows that hit `max_draws` and fell back to the
+            batch approximation over the draws they had seen.
+    """
+
+    samples: torch.LongTensor
+    num_draws: torch.LongTensor
+    exact: torch.BoolTensor
+
+
+def _call_draw(draw: Callable, num: int, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Call `draw(num)`, or `draw(num, rows=...)` where it accepts only the active rows, and return draws for the
+    active rows `(num, len(rows), K)`."""
+    accepts_rows = "rows" in inspect.signature(draw).parameters
+    draws = draw(num, rows=rows) if accepts_rows else draw(num)
+    if draws.dim() != 3 or draws.shape[0] != num:
+        raise ValueError(f"draw({num}) must return a LongTensor of shape ({num}, batch, K), got {tuple(draws.shape)}.")
+    if accepts_rows:
+        return draws
+    if draws.shape[1] != batch_size:
+        raise ValueError(f"draw({num}) returned {draws.shape[1]} rows, expected the batch size {batch_size}.")
+    return draws[:, rows]
+
+
+def exact_temperature_sample(
+    draw: Callable[..., torch.LongTensor],
+    temperature: float,
+    generator: torch.Generator | None = None,
+    max_draws: int = 10_000,
+    draws_per_call: int | None = None,
+) -> ExactSampleOutput:
+    """Exact likelihood-free temperature sampling (the paper's Algorithm 1), for any T in (0, 1].
+
+    With 1/T = n + alpha: draw n samples; if they are not all identical, start again; otherwise call the common
+    value x. If alpha > 0, run the Bernoulli factory for P(x)^alpha: for i = 1, 2, ... draw a sample; if it equals
+    x, accept x; otherwise start again from the beginning with probability alpha / i. The accepted x is distributed
+    exactly as P(x)^(1/T) / sum_y P(y)^(1/T). Every row runs its own copy of the algorithm on its own draws; the
+    expected number of draws is (n + [alpha > 0] sum_x P(x)^(1/T - 1)) / sum_x P(x)^(1/T).
+
+    Args:
+        draw (`Callable`):
+            `draw(num)` returns a `LongTensor` of shape `(num, batch, K)`: `num` fresh, independent samples for every
+            row. If it also accepts a keyword `rows` (a `LongTensor` of row indices), it is called as
+            `draw(num, rows=rows)` and must return `(num, len(rows), K)`, so that rows that have accepted cost no
+            more samples.
+        temperature (`float`):
+            T in (0, 1].
+        generator (`torch.Generator`, *optional*):
+            Generator for the Bernoulli factory's coins (on the device of the draws).
+        max_draws (`int`, *optional*, defaults to 10000):
+            Most draws per row. A row that has not accepted by then falls back to the batch approximation
+            ([`batch_temperature_sample`]) over all the draws it has seen; `exact` marks such rows False.
+        draws_per_call (`int`, *optional*):
+            Samples requested per `draw` call; defaults to `max(n, 8)`. Larger values mean fewer calls (better
+            batching on an accelerator) and a few wasted samples at the end.
+
+    Returns:
+        [`ExactSampleOutput`] with `samples` `(batch, K)`, `num_draws` `(batch,)` and `exact` `(batch,)`.
+    """
+    temperature = check_temperature(temperature)
+    if max_draws < 1:
+        raise ValueError(f"max_draws must be >= 1, got {max_draws}.")
+    n, alpha = _split_inverse_temperature(temperature)
+    draws_per_call = draws_per_call or max(n, 8)
+
+    first = draw(1)
+    batch_size, K = first.shape[1], first.shape[2]
+    device = first.device
+    # Per-row state of the algorithm: the candidate, how many identical draws it has collected (phase 1), and the
+    # Bernoulli factory's step i (phase 2; 0 while collecting).
+    candidate = torch.zeros(batch_size, K, dtype=first.dtype, device=device)
+    count = torch.zeros(batch_size, dtype=torch.long, device=device)
+    factory_step = torch.zeros(batch_size, dtype=torch.long, device=device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    result = torch.zeros(batch_size, K, dtype=first.dtype, device=device)
+    num_draws = torch.zeros(batch_size, dtype=torch.long, device=device)
+    seen = []  # (draws, rows) per call: the fallback needs every draw a row saw
+    pending = (first, torch.arange(batch_size, device=device))
+
+    while True:
+        draws, rows = pending
+        seen.append(pending)
+        for x in draws:  # sequential within a row, vectorised over rows
+            active = ~done[rows]
+            if not active.any():
+                break
+            r = rows[active]
+            x = x[active]
+            num_draws[r] += 1
+            same = (x == candidate[r]).all(-1)
+            collecting = factory_step[r] == 0
+            # Phase 1: the first draw of an attempt becomes the candidate; a different draw restarts the attempt
+            # (the mismatching draw is discarded: reusing it would bias the next attempt).
+            start = collecting & (count[r] == 0)
+            candidate[r[start]] = x[start]
+            grow = collecting & (start | same)
+            new_count = torch.where(grow, count[r] + 1, torch.zeros_like(count[r]))
+            count[r] = torch.where(collecting, new_count, count[r])
+            collected = collecting & (new_count == n)
+            if alpha == 0:
+                accept = collected
+            else:
+                # Phase 2, the Bernoulli factory for P(x)^alpha: success on a repeat of x, failure (restart) with
+                # probability alpha / i otherwise.
+                in_factory = ~collecting
+                accept = in_factory & same
+                coin = torch.rand(r.shape[0], device=device, generator=generator)
+                fail = in_factory & ~same & (coin < alpha / factory_step[r].clamp(min=1))
+                count[r] = torch.where(fail, torch.zeros_like(count[r]), count[r])
+                factory_step[r] = torch.where(
+                    fail | accept, torch.zeros_like(factory_step[r]), factory_step[r] + in_factory.long()
+                )
+                factory_step[r] = torch.where(collected, torch.ones_like(factory_step[r]), factory_step[r])
+            result[r[accept]] = candidate[r[accept]]
+            done[r[accept]] = True
+        remaining = (~done) & (num_draws < max_draws)
+        if not remaining.any():
+            break
+        active_rows = remaining.nonzero().squeeze(1)
+        num = min(draws_per_call, int((max_draws - num_draws[active_rows]).max()))
+        pending = (_call_draw(draw, num, active_rows, batch_size), active_rows)
+
+    exact = done.clone()
+    if not exact.all():
+        # Fallback for rows that hit max_draws: the batch approximation over every draw the row has seen.
+        for row in (~exact).nonzero().squeeze(1).tolist():
+            row_draws = torch.cat([d[:, (rows == row)] for d, rows in seen if (rows == row).any()], dim=0)
+            row_draws = row_draws[: int(num_draws[row])]
+            result[row] = batch_temperature_sample(row_draws, temperature, generator=generator)[0]
+    return ExactSampleOutput(samples=result, num_draws=num_draws, exact=exact)
+
+
+def candidate_counts(candidates: torch.LongTensor) -> torch.LongTensor:
+    """For candidates `(N, batch, K)`, how many of the row's N candidates equal each one: `(batch, N)`."""
+    by_row = candidates.transpose(0, 1)  # (batch, N, K)
+    return (by_row.unsqueeze(1) == by_row.unsqueeze(2)).all(-1).sum(-1)
+
+
+def batch_temperature_sample(
+    candidates: torch.LongTensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.LongTensor:
+    """Batch approximation of temperature sampling from N candidates (the paper's Algorithm 2), vectorised over rows.
+
+    Identical candidates are counted; with r = 1/T, each distinct outcome with count c >= r is chosen with
+    probability proportional to C(c, r). When no outcome has r copies, r steps down by one (r - 1, r - 2, ...) until
+    some outcome qualifies; at the last step (r <= 1) every candidate qualifies, which is plain frequency sampling
+    (T = 1).
+
+    For integer 1/T this is exactly the paper's rule: C(c, n) counts the n-subsets of identical candidates, and is
+    an unbiased estimate of P(x)^n up to a constant. For any other T in (0, 1], C(c, r) is the generalised binomial
+    coefficient Gamma(c + 1) / (Gamma(r + 1) Gamma(c - r + 1)), which equals the integer rule at integer r, varies
+    smoothly in between and grows as c^r, so the choice still converges to P^(1/T) as N grows.
+
+    Args:
+        candidates (`torch.LongTensor` of shape `(N, batch, K)`):
+            N independent samples per row.
+        temperature (`float`):
+            T in (0, 1].
+        generator (`torch.Generator`, *optional*):
+            Generator for the final pick (on the candidates' device).
+
+    Returns:
+        `torch.LongTensor` of shape `(batch, K)`.
+    """
+    temperature = check_temperature(temperature)
+    if candidates.dim() != 3 or candidates.shape[0] < 1:
+        raise ValueError(f"candidates must have shape (N, batch, K) with N >= 1, got {tuple(candidates.shape)}.")
+    counts = candidate_counts(candidates).double()  # (batch, N)
+    n, alpha = _split_inverse_temperature(temperature)
+    r = n + alpha
+    # Largest level r - j (j = 0, 1, ...) that some candidate's count reaches (it is > 0, and a level <= 1 admits
+    # every candidate).
+    top = counts.max(-1).values
+    steps_down = torch.clamp(torch.ceil(r - top - 1e-9), min=0)
+    level = (r - steps_down).unsqueeze(-1)  # (batch, 1)
+    eligible = counts >= level - 1e-9
+    # log C(c, level); each of an outcome's c copies carries 1/c of its weight, so outcomes need no deduplication.
+    log_weight = torch.lgamma(counts + 1) - torch.lgamma(level + 1) - torch.lgamma((counts - level).clamp(min=0) + 1)
+    log_weight = torch.where(eligible, log_weight - counts.log(), torch.full_like(log_weight, -math.inf))
+    weights = (log_weight - log_weight.max(-1, keepdim=True).values).exp()
+    pick = torch.multinomial(weights.float(), 1, generator=generator).squeeze(-1)  # (batch,)
+    return candidates.transpose(0, 1)[torch.arange(candidates.shape[1], device=candidates.device), pick]
+
+
+def mode_sample(candidates: torch.LongTensor) -> torch.LongTensor:
+    """The most frequent of N candidates `(N, batch, K)` per row (ties: the first seen), the T -> 0 limit of the batch
+    approximation; used for `do_sample=False`."""
+    counts = candidate_counts(candidates)
+    pick = counts.argmax(-1)  # argmax returns the first maximal index
+    return candidates.transpose(0, 1)[torch.arange(candidates.shape[1], device=candidates.device), pick]
+
+
+__all__ = [
+    "ExactSampleOutput",
+    "batch_temperature_sample",
+    "candidate_counts",
+    "check_temperature",
+    "exact_temperature_sample",
+    "mode_sample",
+]
