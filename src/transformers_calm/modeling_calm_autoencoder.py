@@ -6,6 +6,7 @@ residual SwiGLU feed-forward layer, reused from transformers' Llama.
 """
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,12 +34,17 @@ class AtomicSavePreTrainedModel(PreTrainedModel):
     """
 
     _auto_map_entries: dict[str, str] = {}
+    # Weight files a previous save may have left in the destination (single file, shards, shard indexes).
+    _weight_file = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if getattr(self, "_auto_class", None) is not None and self._auto_map_entries:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map_entries}
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
+        if kwargs.get("push_to_hub"):
+            # transformers names the repo after the directory it saves into, which would be the temporary one.
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))
         save_directory = os.path.abspath(save_directory)
         parent = os.path.dirname(save_directory)
         os.makedirs(parent, exist_ok=True)
@@ -51,11 +57,17 @@ class AtomicSavePreTrainedModel(PreTrainedModel):
             if not os.path.exists(save_directory):
                 os.rename(tmp, save_directory)
                 return
+            new_files = set(os.listdir(tmp))
             for root, _, files in os.walk(tmp):
                 target_root = os.path.join(save_directory, os.path.relpath(root, tmp))
                 os.makedirs(target_root, exist_ok=True)
                 for name in files:
                     os.replace(os.path.join(root, name), os.path.join(target_root, name))
+            # Stale weights of an earlier save (e.g. shards, when this save wrote one file) would load instead of
+            # or beside the new ones.
+            for name in os.listdir(save_directory):
+                if name not in new_files and self._weight_file.fullmatch(name):
+                    os.remove(os.path.join(save_directory, name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -125,7 +137,7 @@ class CalmEncoder(nn.Module):
         for layer in self.encoder_layers[:half]:  # per token
             hidden_states = layer(hidden_states)
         # Concatenate the K token vectors of a chunk, in token order, into one vector.
-        hidden_states = self.squeeze_layer(hidden_states.flatten(-2))
+        hidden_states = self.squeeze_layer(hidden_states.flatten(-2).to(self.squeeze_layer.weight.dtype))
         for layer in self.encoder_layers[half:]:  # per chunk
             hidden_states = layer(hidden_states)
         return self.hidden_to_latent(self.norm(hidden_states))
