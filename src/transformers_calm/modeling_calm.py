@@ -356,6 +356,11 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             for name, value in CALM_GENERATION_DEFAULTS.items():
                 setattr(self.generation_config, name, value)
 
+    def tie_weights(self, *args, **kwargs):
+        super().tie_weights(*args, **kwargs)
+        # from_pretrained replaces loaded parameters with new ones that require grad (and ties weights last).
+        self.autoencoder.requires_grad_(False)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.autoencoder.eval()  # frozen: no DropToken/DropLatent, no bf16 embedding cast, in LM training either

@@ -177,6 +177,12 @@ class CalmAutoencoderPreTrainedModel(AtomicSavePreTrainedModel):
     }
     main_input_name = "input_ids"
     _no_split_modules = ["CalmAutoencoderLayer"]
+    # No attention at all, so every attention implementation is trivially supported (CalmForCausalLM passes the
+    # requested one down to its autoencoder).
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
 
 class CalmAutoencoder(CalmAutoencoderPreTrainedModel):

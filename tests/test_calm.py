@@ -1,0 +1,773 @@
+"""Tests of the CALM language model: `CalmConfig`, `CalmModel`, `CalmForCausalLM` and the energy loss.
+
+Tiny models built here, CPU, offline. Every helper is defined in this file."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import Cache
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+from transformers_calm import (
+    CalmAutoencoder,
+    CalmAutoencoderConfig,
+    CalmConfig,
+    CalmForCausalLM,
+    CalmModel,
+    modeling_calm,
+)
+from transformers_calm.modeling_calm import energy_score_terms
+
+K = 3  # tokens per chunk; deliberately not 2 or 4
+AE_KWARGS = {"vocab_size": 61, "patch_size": K, "latent_size": 6, "hidden_size": 16, "intermediate_size": 24}
+LM_KWARGS = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_mlp_layers": 2,
+    "noise_size": 8,
+    "num_samples": 4,
+    "num_targets": 16,
+    "pad_token_id": 0,
+}
+AUTO_MAP = {
+    "AutoConfig": "configuration_calm.CalmConfig",
+    "AutoModel": "modeling_calm.CalmModel",
+    "AutoModelForCausalLM": "modeling_calm.CalmForCausalLM",
+}
+MODULE_FILES = (
+    "configuration_calm.py",
+    "modeling_calm.py",
+    "configuration_calm_autoencoder.py",
+    "modeling_calm_autoencoder.py",
+)
+
+
+def tiny_config(autoencoder=None, **overrides) -> CalmConfig:
+    ae = {**AE_KWARGS, **(autoencoder or {})}
+    shared = {name: ae[name] for name in ("vocab_size", "patch_size", "latent_size")}
+    return CalmConfig(**{**shared, **LM_KWARGS, **overrides}, autoencoder_config=ae)
+
+
+def randomize_head(model: CalmForCausalLM) -> CalmForCausalLM:
+    """The head's output layer starts at zero (all samples coincide); give it weights so that samples differ."""
+    with torch.no_grad():
+        last = model.generative_head.final_layer.linears[-1]
+        last.weight.normal_(0.0, 0.5)
+        last.bias.normal_(0.0, 0.5)
+    return model
+
+
+def tiny_model(seed=0, random_head=True, **overrides) -> CalmForCausalLM:
+    torch.manual_seed(seed)
+    model = CalmForCausalLM(tiny_config(**overrides))
+    if random_head:
+        randomize_head(model)
+    return model.eval()
+
+
+def make_ids(batch=2, num_chunks=4, seed=0) -> torch.LongTensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, AE_KWARGS["vocab_size"], (batch, num_chunks * K), generator=generator)
+
+
+def seeded_loss(model, input_ids, seed=123, **kwargs):
+    torch.manual_seed(seed)
+    return model(input_ids, labels=kwargs.pop("labels", input_ids), **kwargs)
+
+
+def capture_energy_terms(monkeypatch) -> list:
+    """Record the per-position (fidelity, diversity) that `energy_loss` averages."""
+    records = []
+
+    def recording(*args, **kwargs):
+        fidelity, diversity = energy_score_terms(*args, **kwargs)
+        records.append((fidelity.detach().clone(), diversity.detach().clone()))
+        return fidelity, diversity
+
+    monkeypatch.setattr(modeling_calm, "energy_score_terms", recording)
+    return records
+
+
+def reference_energy_terms(x, mean, log_std, eps, alpha):
+    """The official `energy_score` with all pairwise differences materialised; x `(N, P, l)`, eps `(M, P, l)`."""
+    n = x.shape[0]
+    y = mean + eps * log_std.exp()
+    distance_x = torch.linalg.vector_norm(x.unsqueeze(1) - x.unsqueeze(0), ord=2, dim=-1) ** alpha
+    distance_y = torch.linalg.vector_norm(x.unsqueeze(1) - y.unsqueeze(0), ord=2, dim=-1) ** alpha
+    return distance_y.mean(dim=(0, 1)), distance_x.sum(dim=(0, 1)) / (n * (n - 1))
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny CalmForCausalLM (random head) saved with save_pretrained: `(model, directory)`."""
+    model = tiny_model(seed=3)
+    directory = tmp_path_factory.mktemp("calm") / "tiny-calm"
+    model.save_pretrained(directory)
+    return model, directory
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@pytest.mark.parametrize(
+    ("name", "lm_value", "ae_value"), [("patch_size", 3, 2), ("latent_size", 6, 5), ("vocab_size", 61, 67)]
+)
+def test_config_must_match_autoencoder(name, lm_value, ae_value):
+    with pytest.raises(ValueError, match=rf"{name}.*\({lm_value}\).*\({ae_value}\)"):
+        tiny_config(autoencoder={name: ae_value}, **{name: lm_value})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_samples": 1},
+        {"num_samples": 0},
+        {"energy_alpha": 0.0},
+        {"energy_alpha": 2.0},
+        {"energy_alpha": -0.5},
+        {"energy_alpha": 2.5},
+    ],
+)
+def test_config_rejects_invalid_energy_settings(overrides):
+    with pytest.raises(ValueError, match=next(iter(overrides))):
+        tiny_config(**overrides)
+
+
+def test_config_accepts_boundary_energy_settings():
+    config = tiny_config(num_samples=2, energy_alpha=1.99)
+    assert (config.num_samples, config.energy_alpha) == (2, 1.99)
+
+
+def test_config_default_autoencoder_follows_language_model():
+    config = CalmConfig(vocab_size=77, patch_size=5, latent_size=9, pad_token_id=3)
+    ae = config.autoencoder_config
+    assert isinstance(ae, CalmAutoencoderConfig)
+    assert (ae.vocab_size, ae.patch_size, ae.latent_size, ae.pad_token_id) == (77, 5, 9, 3)
+
+
+def test_config_save_load_roundtrip(tmp_path):
+    config = tiny_config(energy_alpha=1.5, num_samples=3, num_targets=7, autoencoder={"token_dropout": 0.25})
+    config.save_pretrained(tmp_path)
+    for loaded in (CalmConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert type(loaded) is CalmConfig
+        assert type(loaded.autoencoder_config) is CalmAutoencoderConfig
+        assert loaded.autoencoder_config.to_dict() == config.autoencoder_config.to_dict()
+        assert loaded.autoencoder_config.token_dropout == 0.25
+        assert loaded.autoencoder_config.hidden_size == AE_KWARGS["hidden_size"]
+        assert (loaded.energy_alpha, loaded.num_samples, loaded.num_targets) == (1.5, 3, 7)
+        ignore = {"_name_or_path"}
+        assert {k: v for k, v in loaded.to_dict().items() if k not in ignore} == {
+            k: v for k, v in config.to_dict().items() if k not in ignore
+        }
+
+
+def test_config_accepts_official_rope_theta(tmp_path):
+    config = tiny_config(rope_theta=500.0)
+    assert config.rope_parameters["rope_theta"] == 500.0
+    config.save_pretrained(tmp_path)
+    assert CalmConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 500.0
+    # and the backbone uses it
+    model = CalmForCausalLM(config)
+    head_dim = config.hidden_size // config.num_attention_heads
+    expected = 1.0 / 500.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    torch.testing.assert_close(model.model.backbone.rotary_emb.inv_freq, expected)
+
+
+def test_calm_is_not_a_native_transformers_model_type():
+    assert "calm" not in CONFIG_MAPPING_NAMES
+    assert "calm_autoencoder" not in CONFIG_MAPPING_NAMES
+    kwargs = {k: v for k, v in tiny_config().to_dict().items() if k != "model_type"}
+    assert type(AutoConfig.for_model("calm", **kwargs)) is CalmConfig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shapes and errors
+
+
+def test_forward_shapes_and_hidden_states():
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=4)
+    out = model(ids, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 4, LM_KWARGS["hidden_size"])
+    assert out.loss is None
+    assert len(out.hidden_states) == LM_KWARGS["num_hidden_layers"] + 1
+    assert all(h.shape == (2, 4, LM_KWARGS["hidden_size"]) for h in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state, atol=0, rtol=0)
+    # the first one is the compressed input
+    torch.testing.assert_close(out.hidden_states[0], model.model.embed_chunks(ids), atol=0, rtol=0)
+
+
+def test_cache_defaults():
+    model = tiny_model()
+    ids = make_ids(num_chunks=5)
+    out = model(ids)  # eval: use_cache defaults to config.use_cache
+    assert isinstance(out.past_key_values, Cache)
+    assert out.past_key_values.get_seq_length() == 5
+    assert model(ids, use_cache=False).past_key_values is None
+    model.train()
+    assert model(ids, labels=ids).past_key_values is None  # training: no cache by default
+    assert isinstance(model(ids, use_cache=True).past_key_values, Cache)
+
+
+@pytest.mark.parametrize("leading", [(5,), (2, 3), (4, 2, 3), ()])
+def test_generative_head_shapes_and_determinism(leading):
+    head = tiny_model().generative_head
+    hidden = torch.randn(*leading, LM_KWARGS["hidden_size"])
+    noise = torch.rand(*leading, LM_KWARGS["noise_size"]) - 0.5
+    sample = head(hidden)
+    assert sample.shape == (*leading, AE_KWARGS["latent_size"])
+    torch.testing.assert_close(head(hidden, noise=noise), head(hidden, noise=noise), atol=0, rtol=0)
+    assert not torch.allclose(head(hidden), head(hidden))  # fresh noise each call
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    torch.testing.assert_close(head(hidden, generator=g1), head(hidden, generator=g2), atol=0, rtol=0)
+
+
+def test_generative_head_noise_is_uniform_centered():
+    head = tiny_model().generative_head
+    noise = head.sample_noise(torch.zeros(4000, LM_KWARGS["hidden_size"]))
+    assert noise.shape == (4000, LM_KWARGS["noise_size"])
+    assert noise.min() >= -0.5 and noise.max() < 0.5 and abs(noise.mean()) < 0.01
+
+
+@pytest.mark.parametrize("noise_shape", [(2, 4, 7), (2, 3, 8), (4, 8), (1, 2, 4, 8)])
+def test_generative_head_rejects_wrong_noise_shape(noise_shape):
+    head = tiny_model().generative_head
+    with pytest.raises(ValueError, match="noise must have shape"):
+        head(torch.randn(2, 4, LM_KWARGS["hidden_size"]), noise=torch.zeros(noise_shape))
+
+
+@pytest.mark.parametrize("length", [K - 1, 2 * K + 1, 4 * K - 1])
+def test_sequence_length_must_be_multiple_of_k(length):
+    model = tiny_model()
+    ids = make_ids(num_chunks=4)[:, :length]
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        model(ids)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        model.model(input_ids=ids)
+
+
+def test_labels_need_two_chunks():
+    model = tiny_model()
+    ids = make_ids(num_chunks=1)
+    assert model(ids).last_hidden_state.shape[1] == 1  # a single chunk is fine without labels
+    with pytest.raises(ValueError, match="two chunks"):
+        model(ids, labels=ids)
+
+
+def test_labels_shape_must_match():
+    model = tiny_model()
+    ids = make_ids(num_chunks=3)
+    with pytest.raises(ValueError, match="shape"):
+        model(ids, labels=ids[:, :-K])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_incremental_forward_matches_full_forward(attn_implementation):
+    model = tiny_model()
+    if model.config._attn_implementation != attn_implementation:  # a fresh model defaults to sdpa
+        model.set_attn_implementation(attn_implementation)
+    assert model.model.backbone.config._attn_implementation == attn_implementation
+    ids = make_ids(batch=2, num_chunks=6)
+    with torch.no_grad():
+        full = model(ids).last_hidden_state
+        cache = DynamicCache(config=model.config)
+        out = model(ids[:, : 2 * K], past_key_values=cache, use_cache=True)
+        steps = [out.last_hidden_state]
+        for i in range(2, 6):
+            out = model(ids[:, i * K : (i + 1) * K], past_key_values=out.past_key_values, use_cache=True)
+            assert out.past_key_values.get_seq_length() == i + 1
+            steps.append(out.last_hidden_state)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_incremental_forward_with_token_attention_mask():
+    """Left padding: a token-level mask that grows with the cache gives the full-forward states at real chunks."""
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=5)
+    mask = torch.ones_like(ids)
+    mask[1, :K] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).last_hidden_state
+        out = model(ids[:, : 3 * K], attention_mask=mask[:, : 3 * K], use_cache=True)
+        steps = [out.last_hidden_state]
+        for i in range(3, 5):
+            out = model(
+                ids[:, i * K : (i + 1) * K],
+                attention_mask=mask[:, : (i + 1) * K],
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            steps.append(out.last_hidden_state)
+    torch.testing.assert_close(torch.cat(steps, dim=1)[:, 1:], full[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Energy loss
+
+
+def test_loss_is_two_fidelity_minus_diversity():
+    model = tiny_model()
+    out = seeded_loss(model, make_ids())
+    assert out.energy_fidelity > 0 and out.energy_diversity > 0
+    torch.testing.assert_close(out.loss, 2 * out.energy_fidelity - out.energy_diversity)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 1.5])
+def test_energy_score_terms_match_pairwise_reference(alpha):
+    generator = torch.Generator().manual_seed(0)
+    num_samples, num_targets, latent = 5, 9, 6
+    mean = torch.randn(2, 3, latent, generator=generator)
+    log_std = 0.3 * torch.randn(2, 3, latent, generator=generator)
+    x = mean + 0.7 * torch.randn(num_samples, 2, 3, latent, generator=generator)
+    eps = torch.randn(num_targets, 2, 3, latent, generator=generator)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "randn", lambda *args, **kwargs: eps.clone())
+        fidelity, diversity = energy_score_terms(x, mean, log_std, num_targets=num_targets, alpha=alpha)
+    assert fidelity.shape == diversity.shape == (2, 3)
+    ref_fidelity, ref_diversity = reference_energy_terms(
+        x.flatten(1, 2), mean.flatten(0, 1), log_std.flatten(0, 1), eps.flatten(1, 2), alpha
+    )
+    torch.testing.assert_close(fidelity.flatten(), ref_fidelity, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diversity.flatten(), ref_diversity, atol=1e-5, rtol=1e-5)
+
+
+def test_energy_score_terms_draw_num_targets_standard_normals():
+    calls = []
+    original = torch.randn
+
+    def recording(*args, **kwargs):
+        calls.append(args[0] if len(args) == 1 else args)
+        return original(*args, **kwargs)
+
+    mean = torch.zeros(2, 3, 6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "randn", recording)
+        energy_score_terms(torch.zeros(4, 2, 3, 6), mean, mean, num_targets=11, alpha=1.0)
+    assert [tuple(c) for c in calls] == [(11, 2, 3, 6)]
+
+
+def test_energy_score_prefers_the_true_distribution():
+    """Strict propriety, statistically: samples from the target posterior score better than shifted, too narrow or
+    too wide ones."""
+    generator = torch.Generator().manual_seed(0)
+    positions, latent, num_samples = 32, 4, 64
+    mean = torch.randn(positions, latent, generator=generator)
+    log_std = torch.full((positions, latent), -0.5)
+    noise = torch.randn(num_samples, positions, latent, generator=generator)
+
+    def loss(samples):
+        torch.manual_seed(1)
+        fidelity, diversity = energy_score_terms(samples, mean, log_std, num_targets=256, alpha=1.0)
+        return (2 * fidelity - diversity).mean()
+
+    true = loss(mean + noise * log_std.exp())
+    assert true < loss(mean + 0.5 + noise * log_std.exp())
+    assert true < loss(mean + noise * log_std.exp() * 0.3)
+    assert true < loss(mean + noise * log_std.exp() * 2.0)
+    assert true < loss(mean.expand(num_samples, -1, -1))  # a point mass at the mean
+
+
+def test_loss_averages_valid_positions_only(monkeypatch):
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=4)
+    labels = ids.clone()
+    labels[0, 2 * K + 1] = -100  # one token of target chunk 2 of row 0 -> the whole chunk is out
+    records = capture_energy_terms(monkeypatch)
+    out = seeded_loss(model, ids, labels=labels)
+    ((fidelity, diversity),) = records
+    assert fidelity.shape == (2, 3)  # targets are chunks 1..3
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    valid[0, 1] = False
+    torch.testing.assert_close(out.energy_fidelity, fidelity[valid].mean())
+    torch.testing.assert_close(out.energy_diversity, diversity[valid].mean())
+    torch.testing.assert_close(out.loss, 2 * fidelity[valid].mean() - diversity[valid].mean())
+
+
+def test_masked_target_chunk_does_not_change_loss():
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=4)
+    labels = ids.clone()
+    labels[0, 2 * K] = -100
+    base = seeded_loss(model, ids, labels=labels).loss
+
+    other_tokens = labels.clone()
+    other_tokens[0, 2 * K + 1 : 3 * K] = (other_tokens[0, 2 * K + 1 : 3 * K] + 5) % AE_KWARGS["vocab_size"]
+    torch.testing.assert_close(seeded_loss(model, ids, labels=other_tokens).loss, base, atol=1e-6, rtol=0)
+
+    unmasked_change = labels.clone()
+    unmasked_change[1, 2 * K + 1] = (unmasked_change[1, 2 * K + 1] + 5) % AE_KWARGS["vocab_size"]
+    assert not torch.allclose(seeded_loss(model, ids, labels=unmasked_change).loss, base, atol=1e-4)
+
+
+def test_padding_mask_removes_chunks_from_loss(monkeypatch):
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=4)
+    mask = torch.ones_like(ids)
+    mask[1, -K:] = 0  # right padding: the last chunk of row 1
+    mask[0, -1] = 0  # one padded token makes the last chunk of row 0 no target either
+    records = capture_energy_terms(monkeypatch)
+    out = seeded_loss(model, ids, attention_mask=mask)
+    fidelity, diversity = records[0]
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    valid[:, -1] = False
+    torch.testing.assert_close(out.loss, 2 * fidelity[valid].mean() - diversity[valid].mean())
+
+    changed = ids.clone()
+    changed[1, -K:] = (changed[1, -K:] + 7) % AE_KWARGS["vocab_size"]
+    torch.testing.assert_close(seeded_loss(model, changed, attention_mask=mask).loss, out.loss, atol=1e-6, rtol=0)
+
+
+def test_all_masked_labels_give_zero_loss_without_nan():
+    model = tiny_model().train()
+    ids = make_ids()
+    out = seeded_loss(model, ids, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0
+    assert out.energy_fidelity.item() == 0.0 and out.energy_diversity.item() == 0.0
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_head_starts_at_zero_and_gradients_are_finite():
+    model = tiny_model(random_head=False).train()
+    last = model.generative_head.final_layer.linears[-1]
+    assert torch.count_nonzero(last.weight) == 0 and torch.count_nonzero(last.bias) == 0
+    out = seeded_loss(model, make_ids())
+    assert out.energy_diversity.item() < 1e-6  # every sample is the zero vector
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all(), name
+    assert last.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The frozen autoencoder
+
+
+def test_gradients_reach_only_the_language_model():
+    model = tiny_model().train()
+    seeded_loss(model, make_ids()).loss.backward()
+    for name, param in model.autoencoder.named_parameters():
+        assert not param.requires_grad, name
+        assert param.grad is None, name
+    lm_params = {name: p for name, p in model.named_parameters() if not name.startswith("autoencoder.")}
+    assert any(name.startswith("model.backbone.layers.") for name in lm_params)
+    for name, param in lm_params.items():
+        assert param.grad is not None, name
+        assert param.grad.abs().sum() > 0, name
+    for name in (
+        "model.backbone.embed_tokens.weight",
+        "model.embed_proj.0.weight",
+        "model.backbone.norm.weight",
+        "generative_head.noise_embd.weight",
+    ):
+        assert name in lm_params
+
+
+def test_train_keeps_autoencoder_in_eval_mode():
+    model = tiny_model()
+    model.train()
+    assert model.training and model.model.training and model.generative_head.training
+    assert not model.autoencoder.training
+    assert not any(module.training for module in model.autoencoder.modules())
+    model.eval()
+    assert not model.autoencoder.training
+
+
+def test_optimizer_step_leaves_autoencoder_unchanged():
+    model = tiny_model().train()
+    ae_before = {k: v.clone() for k, v in model.autoencoder.state_dict().items()}
+    lm_before = model.model.embed_proj[0].weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    seeded_loss(model, make_ids()).loss.backward()
+    optimizer.step()
+    for name, value in model.autoencoder.state_dict().items():
+        assert torch.equal(value, ae_before[name]), name
+    assert not torch.equal(model.model.embed_proj[0].weight, lm_before)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# from_autoencoder
+
+
+def tiny_autoencoder(seed=1, **overrides) -> CalmAutoencoder:
+    torch.manual_seed(seed)
+    config = CalmAutoencoderConfig(
+        **{**AE_KWARGS, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **overrides}
+    )
+    return CalmAutoencoder(config).eval()
+
+
+def test_from_autoencoder_with_kwargs():
+    ae = tiny_autoencoder(token_dropout=0.3)
+    lm_kwargs = {k: v for k, v in LM_KWARGS.items() if k != "pad_token_id"}
+    model = CalmForCausalLM.from_autoencoder(ae, **lm_kwargs)
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_samples) == (32, 2, 4)
+    assert (config.vocab_size, config.patch_size, config.latent_size) == (61, K, 6)
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 1, 2)
+    assert type(config.autoencoder_config) is CalmAutoencoderConfig
+    assert config.autoencoder_config.token_dropout == 0.3
+    assert config.autoencoder_config.hidden_size == AE_KWARGS["hidden_size"]
+    ae_state = ae.state_dict()
+    for name, value in model.autoencoder.state_dict().items():
+        assert torch.equal(value, ae_state[name]), name
+    assert model.autoencoder.decoder.lm_head.weight is model.autoencoder.encoder.embed_tokens.weight
+    assert not any(p.requires_grad for p in model.autoencoder.parameters())
+    assert not model.autoencoder.training
+    ids = make_ids()
+    torch.testing.assert_close(model.autoencoder.encode(ids)[0], ae.encode(ids)[0], atol=0, rtol=0)
+
+
+def test_from_autoencoder_with_config():
+    ae = tiny_autoencoder()
+    config = CalmConfig(vocab_size=61, patch_size=K, latent_size=6, **LM_KWARGS)  # default (512-wide) AE config
+    model = CalmForCausalLM.from_autoencoder(ae, config=config)
+    assert model.config.autoencoder_config.hidden_size == AE_KWARGS["hidden_size"]
+    assert model.config.hidden_size == LM_KWARGS["hidden_size"]
+    torch.testing.assert_close(
+        model.autoencoder.encoder.embed_tokens.weight, ae.encoder.embed_tokens.weight, atol=0, rtol=0
+    )
+
+
+@pytest.mark.parametrize("mismatch", [{"latent_size": 7}, {"patch_size": 2}, {"vocab_size": 50}])
+def test_from_autoencoder_rejects_mismatch(mismatch):
+    ae = tiny_autoencoder()
+    name = next(iter(mismatch))
+    with pytest.raises(ValueError, match=name):
+        CalmForCausalLM.from_autoencoder(ae, **mismatch)
+    config = CalmConfig(**{"vocab_size": 61, "patch_size": K, "latent_size": 6, **LM_KWARGS, **mismatch})
+    with pytest.raises(ValueError, match=name):
+        CalmForCausalLM.from_autoencoder(ae, config=config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Save / load
+
+
+def test_save_pretrained_writes_weights_config_and_code(saved_model):
+    _, directory = saved_model
+    files = set(os.listdir(directory))
+    assert {"model.safetensors", "config.json", *MODULE_FILES} <= files
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model_type"] == "calm"
+    assert config["autoencoder_config"]["model_type"] == "calm_autoencoder"
+    assert {k: config["auto_map"][k] for k in AUTO_MAP} == AUTO_MAP
+    assert not [name for name in os.listdir(directory.parent) if ".tmp-" in name]  # no temporary leftovers
+
+
+def test_auto_model_for_causal_lm_roundtrip(saved_model):
+    model, directory = saved_model
+    loaded = AutoModelForCausalLM.from_pretrained(directory)
+    assert type(loaded) is CalmForCausalLM
+    assert not loaded.training and not loaded.autoencoder.training
+    ids = make_ids()
+    with torch.no_grad():
+        ref, got = seeded_loss(model, ids, seed=5), seeded_loss(loaded, ids, seed=5)
+    torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, atol=0, rtol=0)
+    torch.testing.assert_close(got.loss, ref.loss, atol=0, rtol=0)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    # the tied autoencoder embedding is one tensor again, with the saved values
+    ae = loaded.autoencoder
+    assert ae.decoder.lm_head.weight.data_ptr() == ae.encoder.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(ae.decoder.lm_head.weight, model.autoencoder.encoder.embed_tokens.weight, atol=0, rtol=0)
+
+
+def test_loaded_autoencoder_stays_frozen(saved_model):
+    _, directory = saved_model
+    loaded = CalmForCausalLM.from_pretrained(directory)
+    trainable = [name for name, p in loaded.named_parameters() if p.requires_grad]
+    assert trainable and not [name for name in trainable if name.startswith("autoencoder.")]
+
+
+def test_auto_model_and_auto_config(saved_model):
+    model, directory = saved_model
+    config = AutoConfig.from_pretrained(directory)
+    assert type(config) is CalmConfig and type(config.autoencoder_config) is CalmAutoencoderConfig
+    base = AutoModel.from_pretrained(directory)
+    assert type(base) is CalmModel
+    ids = make_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            base(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state, atol=0, rtol=0
+        )
+
+
+_CHILD = textwrap.dedent(
+    """
+    import importlib.abc, os, sys
+
+    class HideTransformersCalm(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "transformers_calm":
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+            return None
+
+    sys.meta_path.insert(0, HideTransformersCalm())
+    # The editable install puts src/ on sys.path through a .pth file: drop every entry that holds the package.
+    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "transformers_calm"))]
+    try:
+        import transformers_calm  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        sys.exit("transformers_calm is still importable in the child process")
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    model_dir, data_path, result_path = sys.argv[1:4]
+    data = torch.load(data_path)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    base = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    with torch.no_grad():
+        torch.manual_seed(data["seed"])
+        out = lm(data["input_ids"], labels=data["input_ids"])
+        base_hidden = base(input_ids=data["input_ids"]).last_hidden_state
+    torch.save(
+        {
+            "classes": [type(o).__module__ + "." + type(o).__name__ for o in (config, lm, base, lm.autoencoder)],
+            "loss": out.loss,
+            "last_hidden_state": out.last_hidden_state,
+            "base_last_hidden_state": base_hidden,
+            "package_imported": any(m.partition(".")[0] == "transformers_calm" for m in sys.modules),
+        },
+        result_path,
+    )
+    """
+)
+
+
+def test_trust_remote_code_without_the_package(saved_model, tmp_path):
+    model, directory = saved_model
+    ids = make_ids(seed=4)
+    with torch.no_grad():
+        ref = seeded_loss(model, ids, seed=11)
+    torch.save({"input_ids": ids, "seed": 11}, tmp_path / "data.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(directory), str(tmp_path / "data.pt"), str(tmp_path / "result.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
+    result = torch.load(tmp_path / "result.pt")
+    assert not result["package_imported"]
+    config_cls, lm_cls, base_cls, ae_cls = result["classes"]
+    for name in result["classes"]:
+        assert name.startswith("transformers_modules."), name
+    assert config_cls.endswith(".configuration_calm.CalmConfig")
+    assert lm_cls.endswith(".modeling_calm.CalmForCausalLM")
+    assert base_cls.endswith(".modeling_calm.CalmModel")
+    assert ae_cls.endswith(".modeling_calm_autoencoder.CalmAutoencoder")
+    torch.testing.assert_close(result["last_hidden_state"], ref.last_hidden_state, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result["base_last_hidden_state"], ref.last_hidden_state, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result["loss"], ref.loss, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention implementations, precision, checkpointing
+
+
+def test_eager_and_sdpa_agree(saved_model):
+    _, directory = saved_model
+    eager = CalmForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    sdpa = CalmForCausalLM.from_pretrained(directory)  # the default on CPU
+    assert eager.model.backbone.config._attn_implementation == "eager"
+    assert eager.model.backbone.layers[0].self_attn.config._attn_implementation == "eager"
+    assert sdpa.model.backbone.config._attn_implementation == "sdpa"
+    ids = make_ids(num_chunks=5)
+    mask = torch.ones_like(ids)
+    mask[0, :K] = 0
+    real = torch.ones(2, 5, dtype=torch.bool)
+    real[0, 0] = False  # a fully masked query (a padded chunk) has no meaningful state
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            torch.testing.assert_close(
+                eager(ids, **kwargs).last_hidden_state[real],
+                sdpa(ids, **kwargs).last_hidden_state[real],
+                atol=1e-5,
+                rtol=1e-5,
+            )
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_requested_attn_implementation_reaches_backbone(saved_model, attn_implementation):
+    """An explicit request must work although the autoencoder (no attention at all) is a sub-model."""
+    model, directory = saved_model
+    loaded = CalmForCausalLM.from_pretrained(directory, attn_implementation=attn_implementation)
+    assert loaded.model.backbone.config._attn_implementation == attn_implementation
+    assert loaded.model.backbone.layers[0].self_attn.config._attn_implementation == attn_implementation
+    fresh = copy.deepcopy(model)
+    fresh.set_attn_implementation(attn_implementation)
+    assert fresh.model.backbone.config._attn_implementation == attn_implementation
+
+
+def _half_precision_supported(dtype) -> str | None:
+    try:
+        layer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).to(dtype)
+        layer(torch.ones(2, 4, dtype=dtype)).sum().backward()
+    except RuntimeError as error:
+        return f"{dtype} CPU kernels unavailable in torch {torch.__version__}: {error}"
+    return None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_backward(dtype):
+    reason = _half_precision_supported(dtype)
+    if reason:
+        pytest.skip(reason)
+    model = tiny_model().to(dtype).train()
+    assert model.autoencoder.encoder.embed_tokens.weight.dtype == dtype
+    out = seeded_loss(model, make_ids())
+    assert out.last_hidden_state.dtype == dtype
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+
+
+@pytest.mark.parametrize("method", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+def test_gradient_checkpointing_gives_same_loss_and_grads(method):
+    model = tiny_model().train()
+    checkpointed = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable is deprecated in 5.x
+        getattr(checkpointed, method)()
+    assert all(layer.gradient_checkpointing for layer in checkpointed.model.backbone.layers)
+    ids = make_ids()
+    ref, got = seeded_loss(model, ids), seeded_loss(checkpointed, ids)
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-6, rtol=0)
+    ref.loss.backward()
+    got.loss.backward()
+    ref_grads = dict(model.named_parameters())
+    for name, param in checkpointed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-6, rtol=1e-5, msg=name)
