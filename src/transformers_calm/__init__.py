@@ -3,6 +3,7 @@ transformers. Importing the package registers the CALM model types with the tran
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .brierlm import BRIERLM_PATH, load_brierlm
 from .configuration_calm import CalmConfig
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
 from .modeling_calm import CalmCausalLMOutputWithPast, CalmEnergyHead, CalmForCausalLM, CalmModel, CalmPreTrainedModel
@@ -25,6 +26,7 @@ CalmModel.register_for_auto_class("AutoModel")
 CalmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "BRIERLM_PATH",
     "CalmAutoencoder",
     "CalmAutoencoderConfig",
     "CalmAutoencoderOutput",
@@ -35,4 +37,5 @@ __all__ = [
     "CalmModel",
     "CalmPreTrainedModel",
     "__version__",
+    "load_brierlm",
 ]

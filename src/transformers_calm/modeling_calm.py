@@ -592,9 +592,15 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             `torch.LongTensor` `(batch_size * num_return_sequences, prompt_length + new_tokens)`, or a
             `GenerateDecoderOnlyOutput` with `sequences` (and `past_key_values`) when `return_dict_in_generate`.
         """
-        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        if config is None:
-            config = GenerationConfig()
+        if generation_config is None:
+            config = copy.deepcopy(self.generation_config) if self.generation_config is not None else GenerationConfig()
+        else:
+            # As in transformers: fields the caller's config leaves unset come from the model's defaults.
+            config = copy.deepcopy(generation_config)
+            if self.generation_config is not None:
+                for name, value in self.generation_config.to_dict().items():
+                    if getattr(config, name, None) is None:
+                        setattr(config, name, value)
         for name, value in CALM_GENERATION_DEFAULTS.items():
             if not hasattr(config, name):
                 setattr(config, name, value)

@@ -14,7 +14,8 @@ Both are vectorised over rows (the batch) and take a `torch.Generator` for repro
 
 import inspect
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -25,13 +26,13 @@ def check_temperature(temperature: float) -> float:
         raise ValueError(f"temperature must be a number in (0, 1], got {temperature!r}.")
     if temperature <= 0:
         raise ValueError(
-            f"temperature must be > 0, got {temperature}. For the most likely chunk use do_sample=False (the mode "
-            "among the candidates), or a small temperature such as 0.1."
+            f"temperature must be in (0, 1], got {temperature}. For the most likely chunk use do_sample=False (the "
+            "mode among the candidates), or a small temperature such as 0.1."
         )
     if temperature > 1:
         raise ValueError(
-            f"temperature must be <= 1, got {temperature}: likelihood-free temperature sampling can only sharpen "
-            "the model's distribution (P^(1/T) is reached through repeated samples), not flatten it."
+            f"temperature must be in (0, 1], got {temperature}: likelihood-free temperature sampling can only "
+            "sharpen the model's distribution (P^(1/T) is reached through repeated samples), not flatten it."
         )
     return float(temperature)
 
@@ -40,9 +41,10 @@ def _split_inverse_temperature(temperature: float) -> tuple[int, float]:
     """1/T = n + alpha, n integer, alpha in [0, 1); values within 1e-9 of an integer count as that integer."""
     inverse = 1.0 / temperature
     n = round(inverse)
-    if abs(inverse - n) > 1e-9:
-        n = math.floor(inverse)
-    return n, max(inverse - n, 0.0)
+    if abs(inverse - n) <= 1e-9:
+        return n, 0.0
+    n = math.floor(inverse)
+    return n, inverse - n
 
 
 class ExactSampleOutput(NamedTuple):
@@ -117,6 +119,8 @@ def exact_temperature_sample(
     draws_per_call = draws_per_call or max(n, 8)
 
     first = draw(1)
+    if first.dim() != 3 or first.shape[0] != 1:
+        raise ValueError(f"draw(1) must return a LongTensor of shape (1, batch, K), got {tuple(first.shape)}.")
     batch_size, K = first.shape[1], first.shape[2]
     device = first.device
     # Per-row state of the algorithm: the candidate, how many identical draws it has collected (phase 1), and the
@@ -175,18 +179,32 @@ def exact_temperature_sample(
 
     exact = done.clone()
     if not exact.all():
-        # Fallback for rows that hit max_draws: the batch approximation over every draw the row has seen.
-        for row in (~exact).nonzero().squeeze(1).tolist():
-            row_draws = torch.cat([d[:, (rows == row)] for d, rows in seen if (rows == row).any()], dim=0)
-            row_draws = row_draws[: int(num_draws[row])]
-            result[row] = batch_temperature_sample(row_draws, temperature, generator=generator)[0]
+        # Fallback for rows that hit max_draws: the batch approximation over every draw the row has seen. A row
+        # leaves only by accepting, so these rows took part in every call and consumed all its draws.
+        failed = (~exact).nonzero().squeeze(1)
+        row_draws = torch.cat([d[:, torch.searchsorted(rows, failed)] for d, rows in seen], dim=0)
+        result[failed] = batch_temperature_sample(row_draws, temperature, generator=generator)
     return ExactSampleOutput(samples=result, num_draws=num_draws, exact=exact)
 
 
 def candidate_counts(candidates: torch.LongTensor) -> torch.LongTensor:
-    """For candidates `(N, batch, K)`, how many of the row's N candidates equal each one: `(batch, N)`."""
+    """For candidates `(N, batch, K)`, how many of the row's N candidates equal each one: `(batch, N)`.
+
+    Sorts each row's chunks lexicographically (stable sorts from the last token to the first) and measures the runs
+    of equal chunks: O(K N log N) per row, where comparing all pairs would cost O(K N^2).
+    """
     by_row = candidates.transpose(0, 1)  # (batch, N, K)
-    return (by_row.unsqueeze(1) == by_row.unsqueeze(2)).all(-1).sum(-1)
+    batch_size, num, patch_size = by_row.shape
+    order = torch.arange(num, device=candidates.device).expand(batch_size, num)
+    for k in reversed(range(patch_size)):
+        keys = torch.gather(by_row[..., k], 1, order)
+        order = torch.gather(order, 1, torch.sort(keys, dim=1, stable=True).indices)
+    ordered = torch.gather(by_row, 1, order.unsqueeze(-1).expand(-1, -1, patch_size))
+    starts = torch.ones(batch_size, num, dtype=torch.bool, device=candidates.device)
+    starts[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).any(-1)
+    group = starts.long().cumsum(1) - 1
+    sizes = torch.zeros_like(group).scatter_add_(1, group, torch.ones_like(group))
+    return torch.empty_like(order).scatter_(1, order, torch.gather(sizes, 1, group))
 
 
 def batch_temperature_sample(
