@@ -23,7 +23,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
 
 lint: install
-	$(PY) -m ruff check src tests examples benchmarks brierlm 2>/dev/null || $(PY) -m ruff check src tests examples
+	$(PY) -m ruff check src tests examples benchmarks brierlm
 
 clean:
 	rm -rf $(VENV) outputs
