@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train a CALM chunk autoencoder (`CalmAutoencoder`) with the Hugging Face `Trainer`.
 
-The data recipe is the one of the official `train_autoencoder.py` (shaochenze/calm): every document is tokenised
-(with the BOS its tokenizer adds, if any), gets an EOS appended and is right-padded with the pad token to a multiple
-of K = patch_size; documents are then concatenated and cut into blocks of `block_size` tokens. Every document thus
-starts on a chunk boundary and no chunk spans two documents. Labels are a copy of the input ids, pads included.
+The data recipe is the one of the official `train_autoencoder.py` (shaochenze/calm), `transformers_calm.data` with
+packing "aligned": every document is tokenised (with the BOS its tokenizer adds, if any), gets an EOS appended and is
+right-padded with the pad token to a multiple of K = patch_size; documents are then concatenated and cut into blocks
+of `block_size` tokens. Every document thus starts on a chunk boundary and no chunk spans two documents. Labels are a
+copy of the input ids, pads included.
 
 Paper-scale run (the official recipe: Llama-3 tokenizer, K=4, l=128, AdamW (0.9, 0.95), wd 0.1, constant lr 3e-4,
 grad clip 1.0, bf16; the official global batch is 256 blocks of 2048 tokens):
@@ -33,10 +34,8 @@ from itertools import chain
 import datasets
 import torch
 import transformers
-from datasets import load_dataset
 from tqdm.auto import tqdm
 from transformers import (
-    AutoTokenizer,
     HfArgumentParser,
     Trainer,
     TrainingArguments,
@@ -45,6 +44,7 @@ from transformers import (
 )
 
 from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig
+from transformers_calm.data import build_blocks, documents_to_ids, load_documents, prepare_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -184,80 +184,6 @@ class CalmAutoencoderTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def prepare_tokenizer(name_or_path):
-    """Load a tokenizer and give it a pad token if it has none (as the official scripts do with Llama-3)."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"Tokenizer {name_or_path!r} has no EOS token; the autoencoder recipe appends one per document."
-        )
-    if tokenizer.pad_token_id is None:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-        logger.info(
-            f"Tokenizer has no pad token: added '[PAD]' as id {tokenizer.pad_token_id} (vocab {len(tokenizer)})."
-        )
-    return tokenizer
-
-
-def documents_to_ids(texts, tokenizer, patch_size, return_lengths=False):
-    """Token ids of each document: tokenizer ids (BOS where it adds one) + EOS, right-padded to a multiple of K.
-
-    With `return_lengths`, also returns each document's length before the padding.
-    """
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    all_ids, lengths = [], []
-    for ids in tokenizer(texts)["input_ids"]:
-        if not ids or ids[-1] != eos:  # the tokenizer may already end documents with EOS
-            ids = ids + [eos]
-        lengths.append(len(ids))
-        all_ids.append(ids + [pad] * (-len(ids) % patch_size))
-    return (all_ids, lengths) if return_lengths else all_ids
-
-
-def load_documents(path, sample_by="paragraph"):
-    """A `datasets.Dataset` with one `text` column, one row per document."""
-    extension = path.rsplit(".", 1)[-1].lower()
-    if extension in ("json", "jsonl"):
-        dataset = load_dataset("json", data_files=path, split="train")
-    else:
-        dataset = load_dataset("text", data_files=path, split="train", sample_by=sample_by)
-    if "text" not in dataset.column_names:
-        raise ValueError(f"{path} has no `text` field (columns: {dataset.column_names}).")
-    dataset = dataset.select_columns(["text"])
-    # Empty documents would become a lone [BOS, EOS, PAD, PAD] chunk (blank lines of a text file): skip them.
-    return dataset.filter(lambda example: bool(example["text"].strip()), desc="Dropping empty documents")
-
-
-def build_blocks(dataset, tokenizer, patch_size, block_size, num_proc=None, overwrite_cache=False):
-    """Tokenise documents with the autoencoder recipe and group them into blocks of `block_size` tokens."""
-
-    def tokenize(examples):
-        return {"input_ids": documents_to_ids(examples["text"], tokenizer, patch_size)}
-
-    def group_texts(examples):
-        # As run_clm: concatenate the documents of a map batch and drop the remainder that fills no block.
-        concatenated = list(chain.from_iterable(examples["input_ids"]))
-        total = len(concatenated) // block_size * block_size
-        blocks = [concatenated[i : i + block_size] for i in range(0, total, block_size)]
-        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
-
-    dataset = dataset.map(
-        tokenize,
-        batched=True,
-        remove_columns=dataset.column_names,
-        num_proc=num_proc,
-        load_from_cache_file=not overwrite_cache,
-        desc="Tokenising documents (+EOS, padded to a multiple of K)",
-    )
-    return dataset.map(
-        group_texts,
-        batched=True,
-        num_proc=num_proc,
-        load_from_cache_file=not overwrite_cache,
-        desc=f"Grouping into blocks of {block_size}",
-    )
-
-
 @torch.no_grad()
 def evaluate_reconstruction(model, tokenizer, texts, block_size=2048, batch_size=8, show_progress=True):
     """Reconstruction accuracy of an autoencoder on held-out documents (eval mode: the posterior mean is decoded).
@@ -320,7 +246,8 @@ def main(argv=None):
     log_level = training_args.get_process_log_level()
     # This script's own few lines (data, model size, added pad token) show on the main process; the libraries keep
     # the level asked for with --log_level.
-    logger.setLevel(logging.INFO if training_args.should_log else log_level)
+    for name in (__name__, "transformers_calm"):
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
 

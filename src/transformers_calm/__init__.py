@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .brierlm import BRIERLM_PATH, load_brierlm
 from .configuration_calm import CalmConfig
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .model_card import create_model_card
 from .modeling_calm import CalmCausalLMOutputWithPast, CalmEnergyHead, CalmForCausalLM, CalmModel, CalmPreTrainedModel
 from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput
 
@@ -25,6 +26,17 @@ CalmConfig.register_for_auto_class()
 CalmModel.register_for_auto_class("AutoModel")
 CalmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+
+def __getattr__(name):
+    # CalmTrainer is imported on first use: importing transformers' Trainer (and accelerate) would slow down every
+    # `import transformers_calm` by seconds.
+    if name == "CalmTrainer":
+        from .trainer_calm import CalmTrainer
+
+        return CalmTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BRIERLM_PATH",
     "CalmAutoencoder",
@@ -36,6 +48,8 @@ __all__ = [
     "CalmForCausalLM",
     "CalmModel",
     "CalmPreTrainedModel",
+    "CalmTrainer",
     "__version__",
+    "create_model_card",
     "load_brierlm",
 ]

@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Train a CALM language model (`CalmForCausalLM`) on top of a trained autoencoder, with `CalmTrainer`.
+
+The second stage of CALM: the autoencoder (from examples/train_autoencoder.py) is frozen inside the model, a Llama
+backbone reads K-token chunks and an energy head predicts the next chunk's latent vector, trained with the energy
+loss. Evaluation reports eval_loss, the energy terms, BrierLM (the official chunk-aligned protocol) and the
+autoencoder's reconstruction accuracy on the eval blocks.
+
+Data (`--packing`, see `transformers_calm.data`):
+- "aligned" (default): the autoencoder's recipe. Every document gets an EOS and is padded to a multiple of K, so every
+  target chunk is a chunk of the distribution the frozen autoencoder was trained on (documents start on chunk
+  boundaries, chunks never straddle documents) and the model learns EOS, so generate() can stop.
+- "stream": the official CALM recipe (BOS-prefixed documents concatenated, no EOS, no padding). Use it with
+  `--eval_packing stream --block_size 8192` on WikiText to reproduce the official BrierLM protocol.
+
+Paper-scale run (CALM-M: the official optimiser AdamW (0.9, 0.95), wd 0.1, constant lr 3e-4, clip 1.0, bf16; global
+batch 256 blocks of 8192 tokens):
+
+    torchrun --nproc_per_node 8 examples/train_calm.py --autoencoder outputs/autoencoder \
+        --train_file pile_02.jsonl --validation_file data/wikitext_document_level-test.json \
+        --block_size 8192 --per_device_train_batch_size 4 --gradient_accumulation_steps 8 --max_steps 250000 \
+        --bf16 --eval_strategy steps --eval_steps 1000 --per_device_eval_batch_size 1 \
+        --metric_for_best_model eval_brierlm --output_dir outputs/calm-m
+
+Tiny CPU run, on the autoencoder of examples/demo.py (2 processes: `torchrun --nproc_per_node 2 ...` or `accelerate
+launch --multi_gpu --num_processes 2 ...`; note that `accelerate launch --cpu --num_processes 2` runs ONE process):
+
+    python examples/train_calm.py --autoencoder outputs/demo/autoencoder --train_file outputs/demo/data/train.jsonl \
+        --validation_file outputs/demo/data/validation.jsonl --block_size 256 --hidden_size 128 \
+        --intermediate_size 256 --num_hidden_layers 4 --num_attention_heads 4 --num_key_value_heads 4 \
+        --max_steps 300 --learning_rate 1e-3 --use_cpu --output_dir outputs/calm-tiny
+
+The tokenizer is the one saved beside the autoencoder (train_autoencoder.py saves it there), or `--tokenizer`. The
+model and tokenizer are saved to `--output_dir`. Also callable in-process: `trainer, metrics = main([...])`.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, default_data_collator, set_seed
+
+from transformers_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
+from transformers_calm.data import PACKINGS, build_blocks, load_documents
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# Test hook: when set, every process writes `weights_rank{rank}.json` (world size and a SHA-256 of its final weights)
+# into this directory, so that a test can check that all processes end with the same model.
+CHECKSUM_DIR_ENV = "TRANSFORMERS_CALM_WEIGHT_CHECKSUM_DIR"
+
+
+@dataclass
+class ModelArguments:
+    """The autoencoder, the tokenizer and the language model's shape (defaults: CALM-M, `train_energy.sh`)."""
+
+    autoencoder: str | None = field(
+        default=None,
+        metadata={"help": "Directory of the trained CalmAutoencoder (output_dir of train_autoencoder.py)."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer path. Default: the tokenizer saved in --autoencoder (or --model_name_or_path). It must "
+            "be the autoencoder's tokenizer, pad token included."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Continue from a saved CalmForCausalLM (its shape arguments below are then ignored)."},
+    )
+    hidden_size: int = field(default=1024, metadata={"help": "Backbone width."})
+    intermediate_size: int = field(default=2752, metadata={"help": "Backbone MLP width."})
+    num_hidden_layers: int = field(default=16, metadata={"help": "Backbone layers."})
+    num_attention_heads: int = field(default=16)
+    num_key_value_heads: int = field(default=16, metadata={"help": "Fewer than the heads: grouped-query attention."})
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "Chunk positions of the backbone. Default: block_size / K."}
+    )
+    num_mlp_layers: int = field(default=4, metadata={"help": "Residual blocks of the energy head."})
+    noise_size: int = field(default=64, metadata={"help": "Size of the energy head's uniform noise input."})
+    num_samples: int = field(default=8, metadata={"help": "N, head samples per position in the energy loss (>= 2)."})
+    num_targets: int = field(
+        default=100, metadata={"help": "M, autoencoder posterior samples per position in the energy loss."}
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(metadata={"help": "JSON lines with a `text` field (.json/.jsonl), or plain text."})
+    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
+    block_size: int = field(
+        default=8192,
+        metadata={"help": "Tokens per sequence (the official 8192); must be a multiple of the autoencoder's K."},
+    )
+    packing: str = field(
+        default="aligned",
+        metadata={
+            "help": "How documents are packed into blocks. aligned (default): EOS + padding to a multiple of K per "
+            "document, as the autoencoder was trained, so every target chunk is one the frozen autoencoder knows "
+            "(documents start on chunk boundaries, no chunk straddles two documents) and EOS is learned, so "
+            "generate() can stop. stream: the official CALM recipe (BOS-prefixed documents concatenated, no EOS, "
+            "no padding).",
+            "choices": list(PACKINGS),
+        },
+    )
+    eval_packing: str | None = field(
+        default=None,
+        metadata={
+            "help": "Packing of the validation blocks (default: --packing). stream with --block_size 8192 on WikiText "
+            "is the official BrierLM protocol.",
+            "choices": list(PACKINGS),
+        },
+    )
+    text_sample_by: str = field(
+        default="paragraph",
+        metadata={"help": "How a plain-text file is cut into documents: line, paragraph or document (whole file)."},
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
+    preprocessing_num_workers: int | None = field(default=None)
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenised datasets."})
+
+
+@dataclass
+class CalmTrainingArguments(TrainingArguments):
+    """`TrainingArguments` whose defaults are the official CALM run's optimiser settings."""
+
+    learning_rate: float = field(default=3e-4)
+    adam_beta2: float = field(default=0.95)
+    weight_decay: float = field(default=0.1)
+    lr_scheduler_type: str = field(default="constant")  # the official warmup_steps=2000 is ignored by "constant"
+    max_grad_norm: float = field(default=1.0)
+    # Every trainable parameter is used by the loss (the autoencoder is frozen): DDP needs no unused-parameter search.
+    ddp_find_unused_parameters: bool | None = field(default=False)
+
+
+def load_tokenizer(model_args):
+    """The autoencoder's tokenizer: --tokenizer, else the one saved beside the autoencoder / model."""
+    path = model_args.tokenizer
+    if path is None:
+        for candidate in (model_args.model_name_or_path, model_args.autoencoder):
+            if candidate and any(os.path.isfile(os.path.join(candidate, name)) for name in TOKENIZER_FILES):
+                path = candidate
+                break
+    if path is None:
+        raise ValueError(
+            f"No tokenizer found in {model_args.model_name_or_path or model_args.autoencoder!r}: pass --tokenizer, "
+            "the tokenizer the autoencoder was trained with (train_autoencoder.py saves it in its output_dir)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"Tokenizer {path!r} has no pad token. The autoencoder was trained with one (train_autoencoder.py adds "
+            "'[PAD]' to a tokenizer without one and saves the result in its output_dir): pass that saved tokenizer, "
+            "or add the same token (tokenizer.add_special_tokens({'pad_token': '[PAD]'})) and save it."
+        )
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, config):
+    """The tokenizer must be the autoencoder's: no token beyond its vocabulary, the same special tokens."""
+    mismatches = [
+        f"{name} {getattr(tokenizer, name)} != {getattr(config, name)}"
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id")
+        if getattr(config, name) is not None and getattr(tokenizer, name) != getattr(config, name)
+    ]
+    if len(tokenizer) > config.vocab_size:
+        mismatches.insert(0, f"{len(tokenizer)} tokens > vocab_size {config.vocab_size}")
+    if mismatches:
+        raise ValueError(
+            f"The tokenizer does not match the autoencoder ({'; '.join(mismatches)}): use the tokenizer the autoencoder "
+            "was trained with (saved in its output_dir by train_autoencoder.py)."
+        )
+
+
+def weight_checksum(model) -> str:
+    """SHA-256 of all weights (names, dtypes, values), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv=None):
+    """Train (and evaluate) a CALM language model; returns `(trainer, metrics)` with the final train and eval metrics."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, CalmTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    # This script's own few lines show on the main process; the libraries keep the level asked for with --log_level.
+    for name in (__name__, "transformers_calm"):
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(
+        f"world size {training_args.world_size} ({training_args.distributed_state.distributed_type}), "
+        f"device {training_args.device}"
+    )
+
+    if not (model_args.autoencoder or model_args.model_name_or_path):
+        raise ValueError("Pass --autoencoder (a trained CalmAutoencoder) or --model_name_or_path (a CalmForCausalLM).")
+    if model_args.model_name_or_path:
+        autoencoder, config = None, CalmForCausalLM.config_class.from_pretrained(model_args.model_name_or_path)
+        ae_config = config.autoencoder_config
+    else:
+        autoencoder = CalmAutoencoder.from_pretrained(model_args.autoencoder)
+        ae_config = autoencoder.config
+    K = ae_config.patch_size
+    if data_args.block_size % K or data_args.block_size < 2 * K:
+        raise ValueError(
+            f"block_size ({data_args.block_size}) must be a multiple of the autoencoder's patch_size K = {K}, and at "
+            f"least 2K: CALM reads whole chunks and predicts chunk i + 1 from chunks 0..i. Try --block_size "
+            f"{max(2 * K, data_args.block_size - data_args.block_size % K)}."
+        )
+    num_chunks = data_args.block_size // K
+    tokenizer = load_tokenizer(model_args)
+    check_tokenizer(tokenizer, ae_config)
+
+    set_seed(training_args.seed)
+    if model_args.model_name_or_path:
+        model = CalmForCausalLM.from_pretrained(model_args.model_name_or_path)
+        if model.config.max_position_embeddings < num_chunks:
+            raise ValueError(
+                f"block_size {data_args.block_size} is {num_chunks} chunks, more than the model's "
+                f"max_position_embeddings ({model.config.max_position_embeddings})."
+            )
+    else:
+        model = CalmForCausalLM.from_autoencoder(
+            autoencoder,
+            hidden_size=model_args.hidden_size,
+            intermediate_size=model_args.intermediate_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=model_args.num_attention_heads,
+            num_key_value_heads=model_args.num_key_value_heads,
+            max_position_embeddings=model_args.max_position_embeddings or num_chunks,
+            num_mlp_layers=model_args.num_mlp_layers,
+            noise_size=model_args.noise_size,
+            num_samples=model_args.num_samples,
+            num_targets=model_args.num_targets,
+        )
+        del autoencoder
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"CalmForCausalLM: {trainable / 1e6:.2f}M trainable parameters (the autoencoder is frozen)")
+
+    eval_packing = data_args.eval_packing or data_args.packing
+    with training_args.main_process_first(desc="dataset preprocessing"):
+        raw = {"train": load_documents(data_args.train_file, data_args.text_sample_by)}
+        if data_args.validation_file:
+            raw["validation"] = load_documents(data_args.validation_file, data_args.text_sample_by)
+        blocks = {
+            split: build_blocks(
+                dataset,
+                tokenizer,
+                K,
+                data_args.block_size,
+                num_proc=data_args.preprocessing_num_workers,
+                overwrite_cache=data_args.overwrite_cache,
+                packing=data_args.packing if split == "train" else eval_packing,
+            )
+            for split, dataset in raw.items()
+        }
+    for split, dataset in blocks.items():
+        if len(dataset) == 0:
+            raise ValueError(
+                f"The {split} data holds fewer than block_size={data_args.block_size} tokens: no block to "
+                "train/evaluate on. Use more text or a smaller --block_size."
+            )
+    train_dataset, eval_dataset = blocks["train"], blocks.get("validation")
+    if eval_dataset is not None and data_args.max_eval_samples is not None:
+        eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+    logger.info(
+        f"{len(train_dataset)} training blocks of {data_args.block_size} tokens ({data_args.packing} packing)"
+        + (f", {len(eval_dataset)} validation blocks ({eval_packing} packing)" if eval_dataset is not None else "")
+    )
+
+    trainer = CalmTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,  # saved beside the model by save_model and in every checkpoint
+        data_collator=default_data_collator,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # model + tokenizer into output_dir
+    metrics = dict(train_result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    if eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+
+    checksum_dir = os.environ.get(CHECKSUM_DIR_ENV)
+    if checksum_dir:
+        os.makedirs(checksum_dir, exist_ok=True)
+        record = {
+            "rank": training_args.process_index,
+            "world_size": training_args.world_size,
+            "distributed_type": trainer.accelerator.distributed_type.value,
+            "sha256": weight_checksum(trainer.model),
+        }
+        with open(os.path.join(checksum_dir, f"weights_rank{training_args.process_index}.json"), "w") as f:
+            json.dump(record, f)
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Let rank 0 finish saving before any process leaves, then close the group: a process that exits first can
+        # otherwise abort the others (SIGABRT, "terminate called without an active exception").
+        trainer.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+    return trainer, metrics
+
+
+if __name__ == "__main__":
+    main()

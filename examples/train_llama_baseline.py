@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Train the discrete baseline of the paper: a `LlamaForCausalLM` with cross-entropy, on the same data as a CALM run.
+
+The comparison CALM vs Transformer is only meaningful at equal data, packing, block size, batch and steps, so this
+script reads the data exactly as `examples/train_calm.py` does (`transformers_calm.data`, same `--packing`) and
+takes the tokenizer of the CALM autoencoder. The backbone dimensions are arguments, as in train_calm.py: pass the
+same ones for a same-size baseline (the Llama then also has a token embedding and an LM head over the vocabulary
+where CALM has its chunk compression, energy head and frozen autoencoder). Evaluate both with
+`examples/evaluate_brierlm.py`, at the same block size.
+
+    python examples/train_llama_baseline.py --tokenizer outputs/demo/autoencoder \
+        --train_file outputs/demo/data/train.jsonl --block_size 256 --hidden_size 128 --intermediate_size 352 \
+        --num_hidden_layers 4 --num_attention_heads 4 --num_key_value_heads 4 --max_steps 300 \
+        --per_device_train_batch_size 16 --learning_rate 1e-3 --use_cpu --output_dir outputs/llama-baseline
+
+Labels are the input ids, pads of the aligned packing included, as in the CALM loss (and the official `train_ar.py`).
+Also callable in-process: `trainer, metrics = main([...])`.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from transformers_calm.data import PACKINGS, build_blocks, load_documents
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """The tokenizer and the Llama's dimensions (defaults: the backbone of CALM-M)."""
+
+    tokenizer: str = field(metadata={"help": "Tokenizer directory, e.g. the CALM autoencoder's output directory."})
+    hidden_size: int = field(default=1024)
+    intermediate_size: int = field(default=2752)
+    num_hidden_layers: int = field(default=16)
+    num_attention_heads: int = field(default=16)
+    num_key_value_heads: int = field(default=16)
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "The official baseline has an untied head."})
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(metadata={"help": "JSON lines with a `text` field (.json/.jsonl), or plain text."})
+    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
+    block_size: int = field(default=2048, metadata={"help": "Tokens per training sequence."})
+    patch_size: int = field(
+        default=4, metadata={"help": "K of the CALM run being matched: the aligned packing pads documents to it."}
+    )
+    packing: str = field(default="aligned", metadata={"help": f"One of {PACKINGS}; use the CALM run's packing."})
+    text_sample_by: str = field(default="paragraph", metadata={"help": "line, paragraph or document (plain text)."})
+
+
+@dataclass
+class BaselineTrainingArguments(TrainingArguments):
+    """The official optimiser settings (AdamW (0.9, 0.95), wd 0.1, constant lr 3e-4, clip 1.0), as train_calm.py."""
+
+    learning_rate: float = field(default=3e-4)
+    adam_beta2: float = field(default=0.95)
+    weight_decay: float = field(default=0.1)
+    lr_scheduler_type: str = field(default="constant")
+    max_grad_norm: float = field(default=1.0)
+
+
+def main(argv=None):
+    """Train (and evaluate the cross-entropy of) the baseline; returns `(trainer, metrics)`."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, BaselineTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", stream=sys.stdout)
+    logger.setLevel(logging.INFO if training_args.should_log else training_args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer)
+    with training_args.main_process_first(desc="dataset preprocessing"):
+        splits = {"train": data_args.train_file, "validation": data_args.validation_file}
+        blocks = {
+            split: build_blocks(
+                load_documents(path, data_args.text_sample_by),
+                tokenizer,
+                data_args.patch_size,
+                data_args.block_size,
+                packing=data_args.packing,
+            )
+            for split, path in splits.items()
+            if path
+        }
+    for split, dataset in blocks.items():
+        if len(dataset) == 0:
+            raise ValueError(f"The {split} data holds fewer than block_size={data_args.block_size} tokens.")
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=model_args.hidden_size,
+        intermediate_size=model_args.intermediate_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        num_key_value_heads=model_args.num_key_value_heads,
+        max_position_embeddings=data_args.block_size,
+        tie_word_embeddings=model_args.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    logger.info(f"LlamaForCausalLM with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=blocks["train"],
+        eval_dataset=blocks.get("validation"),
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
+    trainer.save_model()
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if "validation" in blocks:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return trainer, metrics
+
+
+if __name__ == "__main__":
+    main()

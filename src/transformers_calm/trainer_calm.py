@@ -1,0 +1,240 @@
+"""`CalmTrainer`: the transformers `Trainer` for [`CalmForCausalLM`] (energy loss, energy terms, BrierLM in eval).
+
+Training is the plain `Trainer` loop on the model's energy loss; every `TrainingArguments` feature keeps working
+(gradient accumulation, bf16, gradient checkpointing, DDP, save / resume, `load_best_model_at_end`). What it adds:
+
+- train logs: `energy_fidelity` and `energy_diversity`, averaged over the micro-batches since the previous log and over
+  the processes;
+- evaluation (`trainer.evaluate()`, and eval during training): `eval_loss`, `eval_energy_fidelity`,
+  `eval_energy_diversity`, `eval_brier1..4`, `eval_brierlm` (the official chunk-aligned BrierLM, see
+  [`~brierlm.model_brier_terms`]) and `eval_reconstruction_accuracy` (the frozen autoencoder's token accuracy on the
+  eval blocks), so `metric_for_best_model="eval_brierlm"` works.
+"""
+
+import contextlib
+import hashlib
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from .brierlm import MAX_N, brierlm_from_briers, model_brier_terms
+
+__all__ = ["CalmMetrics", "CalmTrainer", "block_fingerprints"]
+
+# Columns of the per-block statistics that `CalmTrainer.prediction_step` returns as "predictions" (one row per eval
+# block). The Trainer gathers them over processes and drops the blocks that the last batch repeats to even out
+# processes (`gather_for_metrics`), then `CalmMetrics` reduces them.
+STATISTICS = (
+    "energy_fidelity",  # the block's batch mean (like eval_loss: the Trainer repeats each batch's loss per block)
+    "energy_diversity",
+    *(f"brier{n}_sum" for n in range(1, MAX_N + 1)),  # sums of the per-position Brier-n estimates of the block
+    "num_positions",
+    "correct_tokens",  # tokens the autoencoder reconstructs
+    "num_tokens",
+)
+
+
+def block_fingerprints(input_ids: torch.LongTensor) -> list[int]:
+    """A 63-bit hash of the tokens of every block `(batch, T)`.
+
+    `CalmTrainer` seeds the BrierLM draws of an eval block with `(args.seed, fingerprint)` (passed as the block index
+    of [`~brierlm.model_brier_terms`]), so a block's draws depend only on its tokens: the metrics do not depend on the
+    number of processes, the eval batch size, or the order and selection of the eval blocks.
+    """
+    rows = input_ids.detach().to("cpu", torch.int64).contiguous().numpy()
+    return [int.from_bytes(hashlib.sha256(row.tobytes()).digest()[:8], "little") & (2**63 - 1) for row in rows]
+
+
+def _as_rows(array) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.detach().to("cpu", torch.float64)
+    return torch.from_numpy(np.asarray(array, dtype=np.float64))
+
+
+class CalmMetrics:
+    """The `compute_metrics` of [`CalmTrainer`]: reduces the per-block statistics of `prediction_step` to
+    `energy_fidelity`, `energy_diversity`, `brier1..4`, `brierlm` and `reconstruction_accuracy` (the Trainer adds the
+    `eval_` prefix). Also works with `batch_eval_metrics=True` (it then accumulates until `compute_result`).
+    """
+
+    def __init__(self):
+        self._rows = []
+
+    def __call__(self, eval_prediction, compute_result: bool | None = None) -> dict[str, float]:
+        """
+        Args:
+            eval_prediction (`EvalPrediction`): `predictions` is the `(blocks, len(STATISTICS))` table.
+            compute_result (`bool`, *optional*): given by the Trainer with `batch_eval_metrics=True` only: `False` to
+                accumulate a batch, `True` on the last batch to reduce everything accumulated.
+        """
+        rows = _as_rows(eval_prediction.predictions).reshape(-1, len(STATISTICS))
+        if compute_result is None:  # the whole evaluation set at once
+            return self.reduce(rows)
+        self._rows.append(rows)
+        if not compute_result:
+            return {}
+        rows, self._rows = torch.cat(self._rows), []
+        return self.reduce(rows)
+
+    @staticmethod
+    def reduce(rows: torch.Tensor) -> dict[str, float]:
+        """Metrics of a `(num_blocks, len(STATISTICS))` table."""
+        column = {name: rows[:, index] for index, name in enumerate(STATISTICS)}
+        num_positions = column["num_positions"].sum().clamp(min=1)
+        briers = [float(column[f"brier{n}_sum"].sum() / num_positions) for n in range(1, MAX_N + 1)]
+        metrics = {
+            "energy_fidelity": float(column["energy_fidelity"].mean()),
+            "energy_diversity": float(column["energy_diversity"].mean()),
+            **{f"brier{n}": value for n, value in enumerate(briers, start=1)},
+            "brierlm": brierlm_from_briers(briers),
+            "reconstruction_accuracy": float(column["correct_tokens"].sum() / column["num_tokens"].sum().clamp(min=1)),
+        }
+        return metrics
+
+
+class CalmTrainer(Trainer):
+    """`Trainer` for [`CalmForCausalLM`]: trains on the energy loss and evaluates with BrierLM.
+
+    Takes the arguments of `transformers.Trainer`. Differences:
+
+    - `compute_metrics` defaults to [`CalmMetrics`] (pass your own to replace it; it receives the per-block statistics
+      table described in `STATISTICS` as `predictions`, and the blocks' fingerprints as `label_ids`);
+    - `compute_loss_func` is not used: the loss is the model's energy loss;
+    - batches without `labels` are trained on `labels = input_ids` (the CALM recipe).
+
+    Train logs gain `energy_fidelity` and `energy_diversity` (means over the micro-batches since the previous log and
+    over processes). Evaluation returns and logs `eval_loss`, `eval_energy_fidelity`, `eval_energy_diversity`,
+    `eval_brier1..4`, `eval_brierlm` and `eval_reconstruction_accuracy`:
+
+    - the energy terms are means over eval batches, like `eval_loss`; the random draws of a batch's loss are seeded
+      with `args.seed` and the batch's first block, so they are deterministic for a given eval batch size;
+    - BrierLM follows the official protocol: every eval block is scored on its own from its first token, two energy-head
+      samples per chunk position decoded by argmax, n-grams starting at chunk boundaries (see
+      [`~brierlm.model_brier_terms`]). The draws of a block are seeded with `args.seed` and the block's
+      [`block_fingerprints`], so the metrics are deterministic and the same for any number of processes and eval
+      batch size. It costs one more backbone pass per eval batch (plus roll-outs when K < 4);
+    - `eval_reconstruction_accuracy`: the fraction of eval tokens (all tokens of the blocks, EOS and pads included,
+      except those masked out by an `attention_mask`) for which the frozen autoencoder's decoder, applied to the
+      posterior mean of the encoder, has the token as its argmax.
+
+    Eval blocks are scored in full: give them a fixed length, a multiple of K, with no padding (as
+    [`~data.build_blocks`] makes them). The global RNG state is restored after an evaluation, so evaluating during
+    training does not change the training run.
+    With `args.prediction_loss_only=True` only `eval_loss` is computed.
+    """
+
+    # The energy loss is a per-batch mean: the Trainer must divide it by the gradient-accumulation steps (read by
+    # transformers >= 5.23; older 5.x versions decide from `model_accepts_loss_kwargs`, set in `__init__`).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # We never pass `num_items_in_batch` to the model (its loss is a per-batch mean), so tell the Trainer, whatever
+        # the model's forward signature says; otherwise it would skip the gradient-accumulation scaling.
+        self.model_accepts_loss_kwargs = False
+        if self.compute_metrics is None:
+            self.compute_metrics = CalmMetrics()
+        # Sums since the previous train log, kept on the device (no synchronisation per step): fidelity, diversity,
+        # micro-batches.
+        self._train_terms = None
+
+    # ------------------------------------------------------------------------------------------------------ training
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's energy loss (a mean over the batch's target chunks); `num_items_in_batch` is not used."""
+        if "labels" not in inputs:
+            inputs = {**inputs, "labels": inputs["input_ids"]}
+        outputs = model(**inputs)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if model.training and isinstance(outputs, dict) and outputs.get("energy_fidelity") is not None:
+            terms = torch.stack(
+                [
+                    outputs["energy_fidelity"].detach().float().mean(),
+                    outputs["energy_diversity"].detach().float().mean(),
+                    torch.ones((), device=loss.device),
+                ]
+            )
+            self._train_terms = terms if self._train_terms is None else self._train_terms + terms
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the energy terms to the periodic train logs (those with a `loss`), then logs as `Trainer.log`."""
+        # The Trainer makes these logs on every process at the same step, so the reduction below runs in lockstep.
+        if "loss" in logs and self._train_terms is not None:
+            terms = self.accelerator.reduce(self._train_terms, reduction="sum").tolist()
+            logs["energy_fidelity"] = terms[0] / terms[2]
+            logs["energy_diversity"] = terms[1] / terms[2]
+            self._train_terms = None
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------------------------------------------- evaluation
+
+    def _calm_model(self, model):
+        """The `CalmForCausalLM` inside DDP / torch.compile / peft wrappers (peft injects its layers in place)."""
+        model = self.accelerator.unwrap_model(model)
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return model
+
+    @contextlib.contextmanager
+    def _forked_rng(self):
+        """Restore the global RNG state (CPU and the training device) on exit."""
+        device = self.args.device
+        devices = [device] if device.type not in ("cpu", "meta") else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
+            yield
+
+    def evaluation_loop(self, *args, **kwargs):
+        # The eval dataloader and the eval loss draw from the global RNG: restore it afterwards, so that evaluating
+        # during training does not change the training run (nor the equality of a resumed and an uninterrupted run).
+        with self._forked_rng():
+            return super().evaluation_loop(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Loss of a batch of eval blocks and, unless `prediction_loss_only`, its per-block statistics.
+
+        Returns `(loss, statistics, fingerprints)`: `statistics` `(batch, len(STATISTICS))` float64 (the columns of
+        `STATISTICS`) and the blocks' [`block_fingerprints`] as labels (the Trainer calls `compute_metrics` only when
+        labels are returned).
+        """
+        inputs = self._prepare_inputs(inputs)
+        if "labels" not in inputs:
+            inputs = {**inputs, "labels": inputs["input_ids"]}
+        input_ids = inputs["input_ids"]
+        fingerprints = block_fingerprints(input_ids)
+        # The eval loss draws head noise and posterior samples: seed them from the batch, so that it is deterministic.
+        seed = int.from_bytes(hashlib.sha256(f"calm-eval:{self.args.seed}:{fingerprints[0]}".encode()).digest()[:8])
+        with torch.no_grad(), self._forked_rng():
+            torch.manual_seed(seed % 2**63)
+            with self.compute_loss_context_manager():
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+
+        calm = self._calm_model(model)
+        # The model's forward runs under the Trainer's mixed precision (accelerate wraps it); these direct calls of its
+        # submodules get the same autocast.
+        with torch.no_grad(), self.accelerator.autocast():
+            terms = model_brier_terms(calm, input_ids, seed=self.args.seed, block_indices=fingerprints).terms
+            mean, _ = calm.autoencoder.encode(input_ids)
+            correct = calm.autoencoder.decode(mean).argmax(-1) == input_ids
+        scored = torch.ones_like(correct)
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None and attention_mask.shape == input_ids.shape:
+            scored = attention_mask != 0
+        batch = input_ids.shape[0]
+        statistics = torch.stack(
+            [
+                outputs["energy_fidelity"].detach().double().expand(batch),
+                outputs["energy_diversity"].detach().double().expand(batch),
+                *terms.double().sum(1).unbind(-1),
+                torch.full((batch,), float(terms.shape[1]), dtype=torch.float64, device=terms.device),
+                (correct & scored).sum(-1).double(),
+                scored.sum(-1).double(),
+            ],
+            dim=-1,
+        )
+        labels = torch.tensor(fingerprints, dtype=torch.int64, device=input_ids.device)
+        return loss, statistics.to(input_ids.device), labels

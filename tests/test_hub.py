@@ -1,0 +1,476 @@
+"""Publishing: model cards, `save_pretrained` output as a complete Hub repository, `push_to_hub` (with the Hub API
+mocked: nothing leaves the machine), and loading what was uploaded, without the package (`trust_remote_code=True`),
+from a local folder and from a hand-laid Hub cache.
+
+Tiny models built here, CPU, offline (`HF_HUB_OFFLINE=1`, set in conftest)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors.torch import load as load_safetensors
+from transformers import AutoModel, AutoModelForCausalLM
+
+from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
+from transformers_calm.model_card import CITATION, TRANSFORMERS_PLACEHOLDER, create_model_card, merge_model_card
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+K = 4
+AE_KWARGS = {"vocab_size": 53, "patch_size": K, "latent_size": 6, "hidden_size": 16, "intermediate_size": 24}
+LM_KWARGS = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_mlp_layers": 2,
+    "noise_size": 8,
+    "num_samples": 4,
+    "num_targets": 16,
+    "pad_token_id": 0,
+    "eos_token_id": None,
+}
+CALM_AUTO_MAP = {
+    "AutoConfig": "configuration_calm.CalmConfig",
+    "AutoModel": "modeling_calm.CalmModel",
+    "AutoModelForCausalLM": "modeling_calm.CalmForCausalLM",
+}
+AE_AUTO_MAP = {
+    "AutoConfig": "configuration_calm_autoencoder.CalmAutoencoderConfig",
+    "AutoModel": "modeling_calm_autoencoder.CalmAutoencoder",
+}
+# Everything a CALM repository needs: with the module files that modeling_calm.py imports relatively (transitively).
+AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py", "model_card.py"}
+CALM_MODULES = AE_MODULES | {"configuration_calm.py", "modeling_calm.py", "sampling.py"}
+CALM_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors"} | CALM_MODULES
+AE_FILES = {"README.md", "config.json", "model.safetensors"} | AE_MODULES
+OFFICIAL_CARDS = ("CALM-Autoencoder", "CALM-M", "CALM-L", "CALM-XL")
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def tiny_calm(seed=0) -> CalmForCausalLM:
+    torch.manual_seed(seed)
+    shared = {name: AE_KWARGS[name] for name in ("vocab_size", "patch_size", "latent_size")}
+    model = CalmForCausalLM(CalmConfig(**shared, **LM_KWARGS, autoencoder_config=AE_KWARGS))
+    # The head's output layer starts at zero (every sample the same latent): give it weights so that samples differ.
+    with torch.no_grad():
+        last = model.generative_head.final_layer.linears[-1]
+        last.weight.normal_(0.0, 0.5)
+        last.bias.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def tiny_autoencoder(seed=0) -> CalmAutoencoder:
+    torch.manual_seed(seed)
+    return CalmAutoencoder(CalmAutoencoderConfig(**AE_KWARGS)).eval()
+
+
+def card_of(text: str | bytes) -> ModelCard:
+    return ModelCard(text.decode() if isinstance(text, bytes) else text)
+
+
+@contextmanager
+def mocked_hub(remote_card: ModelCard | None = None):
+    """Mock the three Hub calls of `push_to_hub`; yield the list of commits, each `{"repo_id", "commit_message",
+    "files": {path_in_repo: bytes}}`, and the `ModelCard.load` mock. The repository has no README unless
+    `remote_card` is given."""
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        # Read the files now: push_to_hub deletes its temporary folder as soon as this returns.
+        files = {}
+        for op in operations:
+            source = op.path_or_fileobj
+            files[op.path_in_repo] = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+        commits.append({"repo_id": repo_id, "commit_message": commit_message, "files": files})
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{'a' * 40}",
+            commit_message=commit_message,
+            commit_description="",
+            oid="a" * 40,
+        )
+
+    load = {"side_effect": EntryNotFoundError("no README")} if remote_card is None else {"return_value": remote_card}
+    with (
+        mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=create_repo),
+        mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=create_commit),
+        mock.patch.object(ModelCard, "load", **load) as card_load,
+    ):
+        yield commits, card_load
+
+
+def write_files(directory: Path, files: dict[str, bytes]) -> Path:
+    directory.mkdir(parents=True)
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+    return directory
+
+
+_CHILD = textwrap.dedent(
+    """
+    import importlib.abc, os, sys
+
+    class HideTransformersCalm(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "transformers_calm":
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+            return None
+
+    sys.meta_path.insert(0, HideTransformersCalm())
+    # The editable install puts src/ on sys.path through a .pth file: drop every entry that holds the package.
+    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "transformers_calm"))]
+    try:
+        import transformers_calm  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        sys.exit("transformers_calm is still importable in the child process")
+
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    calm_dir, ae_dir, hub_id, data_path, result_path = sys.argv[1:6]
+    data = torch.load(data_path)
+    result = {}
+    for name, source in (("folder", calm_dir), ("hub_cache", hub_id)):
+        lm = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True)
+        torch.manual_seed(data["seed"])
+        result[name] = {
+            "classes": [type(o).__module__ + "." + type(o).__name__ for o in (lm, lm.config, lm.autoencoder)],
+            "sequences": lm.generate(data["prompt"], max_new_tokens=8, do_sample=True),
+        }
+    ae = AutoModel.from_pretrained(ae_dir, trust_remote_code=True)
+    with torch.no_grad():
+        mean, log_std = ae.encode(data["ae_ids"])
+        tokens = ae.decode(mean).argmax(-1)
+    result["autoencoder"] = {
+        "classes": [type(o).__module__ + "." + type(o).__name__ for o in (ae, ae.config)],
+        "mean": mean,
+        "tokens": tokens,
+    }
+    result["package_imported"] = any(m.partition(".")[0] == "transformers_calm" for m in sys.modules)
+    torch.save(result, result_path)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """Push a tiny CALM and a tiny autoencoder with the Hub mocked; rebuild the uploaded folders, lay the CALM one out
+    as a Hub cache entry of "org/calm-tiny", and load all three in one child process where the package is hidden."""
+    root = tmp_path_factory.mktemp("hub")
+    calm, autoencoder = tiny_calm(seed=1), tiny_autoencoder(seed=2)
+    with mocked_hub() as (commits, card_load):
+        calm.push_to_hub("org/calm-tiny", commit_message="Add tiny CALM", tags=["my-tag"])
+        autoencoder.push_to_hub("org/calm-tiny-autoencoder")
+    calm_commit, ae_commit = commits
+    calm_dir = write_files(root / "calm-tiny", calm_commit["files"])
+    ae_dir = write_files(root / "calm-tiny-autoencoder", ae_commit["files"])
+    cache = root / "hub-cache"
+    write_files(cache / "models--org--calm-tiny" / "snapshots" / REVISION, calm_commit["files"])
+    (cache / "models--org--calm-tiny" / "refs").mkdir()
+    (cache / "models--org--calm-tiny" / "refs" / "main").write_text(REVISION)
+
+    generator = torch.Generator().manual_seed(7)
+    prompt = torch.randint(1, AE_KWARGS["vocab_size"], (2, 6), generator=generator)  # 6 is not a multiple of K
+    ae_ids = torch.randint(1, AE_KWARGS["vocab_size"], (2, 3 * K), generator=generator)
+    torch.save({"prompt": prompt, "ae_ids": ae_ids, "seed": 5}, root / "data.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(cache),
+        HF_MODULES_CACHE=str(root / "modules"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        OMP_NUM_THREADS="1",
+    )
+    args = [calm_dir, ae_dir, "org/calm-tiny", root / "data.pt", root / "result.pt"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *map(str, args)], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
+    return {
+        "calm": calm,
+        "autoencoder": autoencoder,
+        "commits": commits,
+        "card_load_calls": card_load.call_args_list,
+        "calm_dir": calm_dir,
+        "cache": cache,
+        "prompt": prompt,
+        "ae_ids": ae_ids,
+        "seed": 5,
+        "child": torch.load(root / "result.pt"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# save_pretrained: a complete Hub repository
+
+
+def test_save_pretrained_writes_a_complete_repository_with_a_card(tmp_path):
+    model = tiny_calm()
+    model.save_pretrained(tmp_path / "calm-tiny")
+    assert set(os.listdir(tmp_path / "calm-tiny")) == CALM_FILES
+    assert os.listdir(tmp_path) == ["calm-tiny"]  # no temporary leftovers
+    assert json.loads((tmp_path / "calm-tiny" / "config.json").read_text())["auto_map"] == CALM_AUTO_MAP
+
+    card = ModelCard.load(tmp_path / "calm-tiny" / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["calm", "custom_code", "text-generation"]
+    assert card.data.license is None  # only when asked for
+    text = card.text
+    assert text.startswith("\n# calm-tiny\n")
+    assert f"| Tokens per step, K (`patch_size`) | {K} |" in text
+    assert f"| Latent vector size, l (`latent_size`) | {AE_KWARGS['latent_size']} |" in text
+    assert "2 layers, hidden size 32, intermediate size 48, 4 attention heads (2 key/value heads)" in text
+    total, autoencoder = model.num_parameters(), model.autoencoder.num_parameters()
+    assert f"| Parameters | {total:,} " in text and f"language model {total - autoencoder:,} " in text
+    assert 'AutoModelForCausalLM.from_pretrained("calm-tiny", trust_remote_code=True)' in text
+    assert CITATION in text
+
+
+def test_save_pretrained_autoencoder_card(tmp_path):
+    model = tiny_autoencoder()
+    model.save_pretrained(tmp_path / "ae", model_card_kwargs={"results": {"reconstruction_accuracy": 0.99875}})
+    assert set(os.listdir(tmp_path / "ae")) == AE_FILES
+    card = ModelCard.load(tmp_path / "ae" / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag is None  # not a text generator
+    assert card.data.tags == ["calm", "custom_code", "autoencoder"]
+    assert f"| Parameters | {model.num_parameters():,} " in card.text
+    assert 'AutoModel.from_pretrained("ae", trust_remote_code=True)' in card.text
+    assert "| reconstruction_accuracy | 0.99875 |" in card.text
+
+
+def test_save_pretrained_card_arguments(tmp_path):
+    tiny_calm().save_pretrained(
+        tmp_path / "out",
+        model_card_kwargs={
+            "repo_id": "org/calm-tiny",
+            "license": "apache-2.0",
+            "datasets": ["monology/pile-uncopyrighted"],
+            "base_model": "org/calm-base",
+            "tags": ["calm", "demo"],
+            "results": {"brierlm": 5.7167, "eval_loss": 0.125},
+        },
+    )
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert card.data.datasets == ["monology/pile-uncopyrighted"]
+    assert card.data.base_model == "org/calm-base"
+    assert card.data.tags == ["calm", "custom_code", "text-generation", "demo"]
+    assert card.text.startswith("\n# calm-tiny\n")  # named after the repository, not the folder
+    assert 'from_pretrained("org/calm-tiny", trust_remote_code=True)' in card.text
+    assert "## Evaluation results" in card.text
+    assert "| brierlm | 5.7167 |" in card.text and "| eval_loss | 0.125 |" in card.text
+
+
+def test_save_pretrained_never_overwrites_an_existing_card(tmp_path):
+    directory = tmp_path / "calm"
+    directory.mkdir()
+    (directory / "README.md").write_text("# My own card\n")
+    (directory / "config.json").write_text("{}")
+    model = tiny_calm()
+    model.save_pretrained(directory)
+    assert (directory / "README.md").read_text() == "# My own card\n"
+    assert set(os.listdir(directory)) == CALM_FILES
+    assert json.loads((directory / "config.json").read_text())["model_type"] == "calm"  # the rest is replaced
+    model.save_pretrained(directory)  # again, into a complete repository
+    assert (directory / "README.md").read_text() == "# My own card\n"
+    assert sorted(os.listdir(tmp_path)) == ["calm"]
+
+
+def test_create_model_card_without_saving():
+    model = tiny_calm()
+    card = create_model_card(model, repo_id="org/x", license="other", license_name="my-license", language="en")
+    assert card.data.license == "other" and card.data.license_name == "my-license" and card.data.language == "en"
+    assert card.data.to_dict()["pipeline_tag"] == "text-generation"
+    assert ModelCard(str(card)).data.to_dict() == card.data.to_dict()  # round-trips through the file format
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# push_to_hub (mocked Hub): what is uploaded
+
+
+def test_push_to_hub_uploads_the_repository_with_our_card(published):
+    assert len(published["commits"]) == 2
+    commit = published["commits"][0]
+    assert commit["repo_id"] == "org/calm-tiny"
+    assert commit["commit_message"] == "Add tiny CALM"
+    assert set(commit["files"]) == CALM_FILES
+    assert published["card_load_calls"][0].args[0] == "org/calm-tiny"  # transformers looked for an existing card
+
+    config = json.loads(commit["files"]["config.json"])
+    assert config["auto_map"] == CALM_AUTO_MAP
+    assert config["model_type"] == "calm" and config["autoencoder_config"]["model_type"] == "calm_autoencoder"
+    assert json.loads(commit["files"]["generation_config.json"])["do_sample"] is True
+    for name in CALM_MODULES:
+        assert commit["files"][name] == (REPO_ROOT / "src" / "transformers_calm" / name).read_bytes(), name
+    weights = load_safetensors(commit["files"]["model.safetensors"])
+    state = published["calm"].state_dict()
+    assert weights and all(torch.equal(tensor, state[name]) for name, tensor in weights.items())
+
+    card = card_of(commit["files"]["README.md"])
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["calm", "custom_code", "text-generation", "my-tag"]  # with the push_to_hub tags
+    assert TRANSFORMERS_PLACEHOLDER not in card.text  # not transformers' generic card
+    assert card.text.startswith("\n# calm-tiny\n")
+    assert 'AutoModelForCausalLM.from_pretrained("org/calm-tiny", trust_remote_code=True)' in card.text
+    assert CITATION in card.text
+
+
+def test_push_to_hub_autoencoder(published):
+    commit = published["commits"][1]
+    assert commit["repo_id"] == "org/calm-tiny-autoencoder"
+    assert commit["commit_message"] == "Upload CalmAutoencoder"  # transformers' default
+    assert set(commit["files"]) == AE_FILES
+    assert json.loads(commit["files"]["config.json"])["auto_map"] == AE_AUTO_MAP
+    card = card_of(commit["files"]["README.md"])
+    assert card.data.library_name == "transformers"
+    assert card.data.tags == ["calm", "custom_code", "autoencoder"]
+    assert 'AutoModel.from_pretrained("org/calm-tiny-autoencoder", trust_remote_code=True)' in card.text
+
+
+def test_push_to_hub_keeps_the_card_a_repository_already_has():
+    remote = card_of("---\nlicense: mit\ntags:\n- mine\n---\n\n# Hand-written\n\nKeep this text.\n")
+    with mocked_hub(remote_card=remote) as (commits, _):
+        tiny_autoencoder().push_to_hub("org/ae")
+    card = card_of(commits[0]["files"]["README.md"])
+    assert card.text == "\n# Hand-written\n\nKeep this text.\n"
+    assert card.data.license == "mit"
+    assert card.data.library_name == "transformers"  # our metadata completes it
+    assert card.data.tags == ["mine", "calm", "custom_code", "autoencoder"]
+
+
+def test_merge_model_card_fills_only_missing_metadata():
+    generated = create_model_card(
+        tiny_calm(), license="other", license_name="calm-license", license_link="https://example.com/license"
+    )
+    merged = merge_model_card(card_of("---\nlicense: mit\n---\n\n# Mine\n"), generated)
+    assert merged.data.to_dict() == {
+        "license": "mit",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["calm", "custom_code", "text-generation"],
+    }
+    assert "license_name" not in str(merged)
+    merged = merge_model_card(card_of("---\ntags: [a]\n---\n\n# Mine\n"), generated)
+    assert (merged.data.license, merged.data.license_name) == ("other", "calm-license")
+    assert merged.data.license_link == "https://example.com/license"
+    assert merged.text == "\n# Mine\n" and merged.data.tags == ["a", "calm", "custom_code", "text-generation"]
+    assert str(merge_model_card(None, generated)) == str(generated)
+
+
+def test_save_pretrained_with_push_to_hub(tmp_path):
+    model = tiny_calm()
+    with mocked_hub() as (commits, _):
+        model.save_pretrained(
+            tmp_path / "local-name", push_to_hub=True, repo_id="org/pushed", model_card_kwargs={"license": "mit"}
+        )
+    (commit,) = commits
+    assert commit["repo_id"] == "org/pushed"
+    assert set(commit["files"]) == CALM_FILES
+    card = card_of(commit["files"]["README.md"])
+    assert card.data.license == "mit" and "calm" in card.data.tags
+    assert TRANSFORMERS_PLACEHOLDER not in card.text
+    # The local folder is the same repository, card included.
+    assert set(os.listdir(tmp_path / "local-name")) == CALM_FILES
+    assert (tmp_path / "local-name" / "README.md").read_bytes() == commit["files"]["README.md"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading what was uploaded
+
+
+def test_uploaded_calm_loads_and_generates_without_the_package(published):
+    child = published["child"]
+    assert not child["package_imported"]
+    lm_class, config_class, ae_class = child["folder"]["classes"]
+    assert lm_class.startswith("transformers_modules.") and lm_class.endswith(".modeling_calm.CalmForCausalLM")
+    assert config_class.endswith(".configuration_calm.CalmConfig")
+    assert ae_class.endswith(".modeling_calm_autoencoder.CalmAutoencoder")
+    prompt = published["prompt"]
+    sequences = child["folder"]["sequences"]
+    assert sequences.shape == (prompt.shape[0], prompt.shape[1] + 8)
+    assert torch.equal(sequences[:, : prompt.shape[1]], prompt)
+    torch.manual_seed(published["seed"])
+    expected = published["calm"].generate(prompt, max_new_tokens=8, do_sample=True)
+    assert torch.equal(sequences, expected)  # same weights, same code, same random draws
+
+
+def test_uploaded_autoencoder_loads_without_the_package(published):
+    child = published["child"]["autoencoder"]
+    assert child["classes"][0].startswith("transformers_modules.")
+    assert child["classes"][0].endswith(".modeling_calm_autoencoder.CalmAutoencoder")
+    assert child["classes"][1].endswith(".configuration_calm_autoencoder.CalmAutoencoderConfig")
+    with torch.no_grad():
+        mean, _ = published["autoencoder"].encode(published["ae_ids"])
+        tokens = published["autoencoder"].decode(mean).argmax(-1)
+    torch.testing.assert_close(child["mean"], mean, atol=1e-6, rtol=0)
+    assert torch.equal(child["tokens"], tokens)
+
+
+def test_hub_id_from_the_cache_without_the_package(published):
+    child = published["child"]["hub_cache"]
+    assert child["classes"][0].startswith("transformers_modules.org.")
+    assert child["classes"][0].endswith(".modeling_calm.CalmForCausalLM")
+    assert torch.equal(child["sequences"], published["child"]["folder"]["sequences"])
+
+
+def test_hub_id_from_the_cache_with_the_package(published):
+    model = AutoModelForCausalLM.from_pretrained("org/calm-tiny", cache_dir=published["cache"])
+    assert type(model) is CalmForCausalLM
+    state = published["calm"].state_dict()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    base = AutoModel.from_pretrained("org/calm-tiny", cache_dir=published["cache"])
+    assert type(base).__name__ == "CalmModel" and type(base).__module__ == "transformers_calm.modeling_calm"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model cards of the official checkpoints (model_cards/)
+
+
+def test_model_cards_folder_has_every_official_checkpoint():
+    assert sorted(path.stem for path in (REPO_ROOT / "model_cards").glob("*.md")) == sorted(OFFICIAL_CARDS)
+
+
+@pytest.mark.parametrize("name", OFFICIAL_CARDS)
+def test_official_model_card(name):
+    card = ModelCard.load(REPO_ROOT / "model_cards" / f"{name}.md")
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.license
+    assert {"calm", "custom_code"} <= set(data.tags)
+    assert data.datasets == ["monology/pile-uncopyrighted"]
+    assert data.base_model == f"cccczshao/{name}"
+    if name == "CALM-Autoencoder":
+        assert data.pipeline_tag is None
+        assert "AutoModel.from_pretrained(" in card.text
+    else:
+        assert data.pipeline_tag == "text-generation"
+        assert "text-generation" in data.tags
+        assert "AutoModelForCausalLM.from_pretrained(" in card.text
+        assert "temperature=" in card.text
+        assert "examples/evaluate_brierlm.py" in card.text
+    assert "python -m transformers_calm.convert_official" in card.text
+    assert "trust_remote_code=True" in card.text
+    assert "reported by the authors" in card.text.lower()  # the paper's figures are labelled as such
+    assert CITATION in card.text
+    assert "## Limitations" in card.text
+
+
+def test_readme_cites_the_paper_like_the_cards():
+    assert CITATION in (REPO_ROOT / "README.md").read_text()

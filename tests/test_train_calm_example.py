@@ -1,0 +1,245 @@
+"""Tests of examples/train_calm.py and of the data recipes of `transformers_calm.data`: a tiny word-level tokenizer and
+a tiny autoencoder are made here from a few documents of the bundled WikiText; CPU, offline. One test launches the
+script on 2 processes with torchrun (gloo)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import datasets
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TrainingArguments
+
+from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalLM, CalmTrainer
+from transformers_calm.data import build_blocks, documents_to_ids, load_documents
+
+pytestmark = pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # untrained models score <= 0
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "examples", "train_calm.py")
+WIKITEXT = os.path.join(REPO_ROOT, "data", "wikitext_document_level-test.json")
+K = 4
+BLOCK_SIZE = 32
+SHAPE_ARGS = [
+    "--hidden_size", "32", "--intermediate_size", "48", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+    "--num_key_value_heads", "2", "--num_mlp_layers", "2", "--noise_size", "8", "--num_samples", "4",
+    "--num_targets", "8",
+]  # fmt: skip
+EVAL_KEYS = {
+    "eval_loss",
+    "eval_energy_fidelity",
+    "eval_energy_diversity",
+    "eval_brier1",
+    "eval_brier2",
+    "eval_brier3",
+    "eval_brier4",
+    "eval_brierlm",
+    "eval_reconstruction_accuracy",
+}
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("train_calm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # Registered, as an import would: Trainer pickles the script's TrainingArguments subclass into training_args.bin.
+    sys.modules["train_calm"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def documents(count, skip=0, chars=1500):
+    with open(WIKITEXT, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    return [text[:chars] for text in texts[skip : skip + count]]
+
+
+def word_tokenizer(texts, pad=True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer that prepends BOS, as the Llama-3 tokenizer does; ids 0..3 are the special tokens."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"] if pad else ["<s>", "</s>", "<unk>"]
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=300, special_tokens=specials))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Data files, and an autoencoder directory holding a tiny CalmAutoencoder and its tokenizer."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    train, validation = documents(4), documents(2, skip=10)
+    for name, texts in (("train", train), ("validation", validation)):
+        with open(tmp_path / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
+    tokenizer = word_tokenizer(train + validation)
+    torch.manual_seed(0)
+    config = CalmAutoencoderConfig(
+        vocab_size=len(tokenizer),
+        patch_size=K,
+        latent_size=6,
+        hidden_size=16,
+        intermediate_size=24,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    CalmAutoencoder(config).save_pretrained(tmp_path / "autoencoder")
+    tokenizer.save_pretrained(tmp_path / "autoencoder")
+    return tmp_path
+
+
+def script_args(workdir, output_dir, *extra):
+    return [
+        "--autoencoder", str(workdir / "autoencoder"),
+        "--train_file", str(workdir / "train.jsonl"), "--validation_file", str(workdir / "validation.jsonl"),
+        "--block_size", str(BLOCK_SIZE), *SHAPE_ARGS,
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1", "--max_eval_samples", "3",
+        "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu",
+        "--seed", "0", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--output_dir", str(output_dir),
+        *extra,
+    ]  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------------- data
+
+
+def test_packing_recipes(workdir):
+    texts = documents(3)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "autoencoder")
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    plain = tokenizer(texts)["input_ids"]
+    assert all(ids[0] == bos and eos not in ids for ids in plain)
+
+    aligned, lengths = documents_to_ids(texts, tokenizer, K, return_lengths=True)
+    for ids, length, original in zip(aligned, lengths, plain, strict=True):
+        assert len(ids) % K == 0 and ids[:length] == original + [eos] and set(ids[length:]) <= {pad}
+    assert documents_to_ids(texts, tokenizer, K, packing="stream") == plain
+
+    dataset = load_documents(str(workdir / "train.jsonl"))
+    aligned_blocks = build_blocks(dataset, tokenizer, K, BLOCK_SIZE)
+    stream_blocks = build_blocks(dataset, tokenizer, K, BLOCK_SIZE, packing="stream")
+    aligned_stream = [t for ids in documents_to_ids(list(dataset["text"]), tokenizer, K) for t in ids]
+    stream = [t for ids in tokenizer(list(dataset["text"]))["input_ids"] for t in ids]
+    assert len(aligned_blocks) == len(aligned_stream) // BLOCK_SIZE
+    assert len(stream_blocks) == len(stream) // BLOCK_SIZE
+    for blocks, ids in ((aligned_blocks, aligned_stream), (stream_blocks, stream)):
+        assert blocks["labels"] == blocks["input_ids"]
+        assert [t for block in blocks["input_ids"] for t in block] == ids[: len(blocks) * BLOCK_SIZE]
+    # Aligned: every document starts on a chunk boundary and its EOS ends it; stream: neither EOS nor pads.
+    flat = torch.tensor(aligned_blocks["input_ids"]).flatten()
+    assert ((flat == bos).nonzero().flatten() % K == 0).all() and (flat == eos).any()
+    flat = torch.tensor(stream_blocks["input_ids"]).flatten()
+    assert not ((flat == eos) | (flat == pad)).any()
+    assert ((flat == bos).nonzero().flatten() % K != 0).any()  # documents start anywhere in a chunk
+
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        build_blocks(dataset, tokenizer, K, BLOCK_SIZE + 2)
+    with pytest.raises(ValueError, match="packing must be one of"):
+        build_blocks(dataset, tokenizer, K, BLOCK_SIZE, packing="aligend")
+
+
+# ------------------------------------------------------------------------------------------------------ script
+
+
+def test_train_calm_end_to_end(workdir):
+    example = load_example()
+    output_dir = workdir / "calm"
+    trainer, metrics = example.main(script_args(workdir, output_dir))
+    assert isinstance(trainer, CalmTrainer) and trainer.state.global_step == 3
+    assert EVAL_KEYS <= metrics.keys() and metrics["train_loss"] > 0
+    # Official optimiser defaults.
+    args = trainer.args
+    official = (3e-4, 0.9, 0.95, 0.1, 1.0)
+    assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.weight_decay, args.max_grad_norm) == official
+    assert args.lr_scheduler_type == "constant"
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all("energy_fidelity" in entry for entry in logs)
+
+    # Saved: a CALM that loads with the Auto class, with the autoencoder's weights and the tokenizer.
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert isinstance(model, CalmForCausalLM)
+    assert model.config.hidden_size == 32 and model.config.max_position_embeddings == BLOCK_SIZE // K
+    saved_ae = CalmAutoencoder.from_pretrained(workdir / "autoencoder").state_dict()
+    assert all(torch.equal(model.autoencoder.state_dict()[name], value) for name, value in saved_ae.items())
+    trained = trainer.model.state_dict()
+    assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer.pad_token_id == 0 and len(tokenizer) == model.config.vocab_size
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_brierlm"] == metrics["eval_brierlm"]
+
+    # Continue from the saved model (shape arguments ignored), with the stream packing.
+    more, _ = example.main(
+        script_args(workdir, workdir / "calm-more", "--model_name_or_path", str(output_dir), "--packing", "stream")
+    )
+    assert more.model.config.hidden_size == 32
+    assert all(torch.equal(more.model.autoencoder.state_dict()[n], v) for n, v in saved_ae.items())
+
+
+def test_train_calm_errors(workdir):
+    example = load_example()
+    with pytest.raises(ValueError, match="multiple of the autoencoder's patch_size K = 4"):
+        example.main(script_args(workdir, workdir / "bad", "--block_size", "30"))
+
+    no_pad = workdir / "no-pad-tokenizer"
+    word_tokenizer(documents(4), pad=False).save_pretrained(no_pad)
+    with pytest.raises(ValueError, match="has no pad token") as error:
+        example.main(script_args(workdir, workdir / "bad", "--tokenizer", str(no_pad)))
+    assert "add_special_tokens" in str(error.value)
+
+    bare_ae = workdir / "bare-autoencoder"
+    CalmAutoencoder.from_pretrained(workdir / "autoencoder").save_pretrained(bare_ae)  # no tokenizer beside it
+    argv = script_args(workdir, workdir / "bad")
+    argv[argv.index("--autoencoder") + 1] = str(bare_ae)
+    with pytest.raises(ValueError, match="pass --tokenizer"):
+        example.main(argv)
+
+
+def test_train_calm_on_two_processes(workdir):
+    """torchrun with 2 CPU processes (gloo): both ranks run, end with the same weights (those saved), and the
+    distributed evaluation (3 blocks on 2 ranks: one repeated, then dropped) equals a one-process evaluation."""
+    output_dir, checksums = workdir / "calm-ddp", workdir / "checksums"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(workdir / "datasets-cache-ddp"),
+        "OMP_NUM_THREADS": "1",
+        "TRANSFORMERS_CALM_WEIGHT_CHECKSUM_DIR": str(checksums),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT]
+    result = subprocess.run(
+        [*command, *script_args(workdir, output_dir)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads((checksums / f"weights_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
+    assert all(r["distributed_type"] == "MULTI_CPU" for r in records)
+    assert records[0]["sha256"] == records[1]["sha256"]
+
+    example = load_example()
+    model = CalmForCausalLM.from_pretrained(output_dir)
+    assert example.weight_checksum(model) == records[0]["sha256"]
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["train_batch_size"] == 2
+
+    # The same metrics from one process, on the same 3 validation blocks.
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    blocks = build_blocks(load_documents(str(workdir / "validation.jsonl")), tokenizer, K, BLOCK_SIZE).select(range(3))
+    args = TrainingArguments(
+        output_dir=str(workdir / "eval"), use_cpu=True, report_to="none", per_device_eval_batch_size=1, seed=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = CalmTrainer(model=model, args=args, eval_dataset=blocks).evaluate()
+    distributed = json.loads((output_dir / "eval_results.json").read_text())
+    for key in EVAL_KEYS:
+        assert distributed[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
