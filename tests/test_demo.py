@@ -1,0 +1,111 @@
+"""The demo pipeline (examples/demo.py) and the discrete baseline script (examples/train_llama_baseline.py), run end
+to end with tiny sizes so that they keep working; `make demo` runs the full-size demo."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from transformers_calm import CalmForCausalLM
+from transformers_calm.brierlm import score_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # untrained models score <= 0
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIKITEXT = os.path.join(REPO_ROOT, "data", "wikitext_document_level-test.json")
+sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+
+import demo  # noqa: E402
+import train_llama_baseline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """Run the whole demo once with tiny sizes on 8 short WikiText documents (2 held out)."""
+    root = tmp_path_factory.mktemp("demo")
+    with open(WIKITEXT, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"][:2000] for line in f][:8]
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    output_dir = root / "out"
+    # fmt: off
+    summary = demo.main([
+        "--output_dir", str(output_dir), "--train_files", str(data), "--num_heldout_documents", "2",
+        "--vocab_size", "320", "--block_size", "32", "--batch_size", "4",
+        "--latent_size", "8", "--ae_hidden_size", "16", "--ae_intermediate_size", "32", "--ae_max_steps", "3",
+        "--hidden_size", "32", "--intermediate_size", "48", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+        "--num_mlp_layers", "1", "--calm_max_steps", "3",
+        "--max_new_tokens", "8", "--num_candidates", "8",
+    ])
+    # fmt: on
+    return output_dir, summary, texts
+
+
+def test_demo_writes_every_output(tiny_demo):
+    output_dir, summary, _ = tiny_demo
+    for name in ("tokenizer", "autoencoder", "calm", "data"):
+        assert (output_dir / name).is_dir(), name
+    png = (output_dir / "training_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert json.loads((output_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert set(summary["timings"]) >= {"3. autoencoder training", "5. CALM training", "6. generation", "total"}
+
+
+def test_demo_results_are_measured(tiny_demo):
+    _, summary, _ = tiny_demo
+    results = summary["results"]
+    assert 0 <= results["heldout_token_accuracy"] <= 1 and 0 <= results["heldout_chunk_accuracy"] <= 1
+    assert results["brierlm"] >= 0
+    for n in range(1, 5):  # each an average of (0/1 + 0/1 - 0/1) terms
+        assert -1 <= results[f"brier{n}"] <= 2
+    assert results["brier1"] != 0 or results["brier4"] != 0  # the estimator ran on real samples
+    assert torch.isfinite(torch.tensor(results["eval_energy_loss"]))
+
+
+def test_demo_sample_continues_a_heldout_prompt(tiny_demo):
+    output_dir, summary, texts = tiny_demo
+    sample = summary["sample"]
+    words = " ".join(texts[-2].split()[:24])
+    # The prompt is the first held-out words, cut from the left to fit the tiny context (8 chunks = 32 tokens).
+    assert words.endswith(sample["prompt"].strip()) and len(sample["prompt"].split()) >= 2
+    tokenizer = AutoTokenizer.from_pretrained(output_dir / "calm")
+    new_tokens = tokenizer(sample["continuation"], add_special_tokens=False).input_ids
+    assert 0 < len(new_tokens) <= 8 + 4  # 8 new tokens (specials skipped), BPE may re-split a little
+
+
+def test_demo_checkpoint_loads_with_its_card(tiny_demo):
+    output_dir, summary, _ = tiny_demo
+    model = AutoModelForCausalLM.from_pretrained(output_dir / "calm")
+    assert isinstance(model, CalmForCausalLM)
+    card = ModelCard.load(output_dir / "calm" / "README.md")
+    assert "calm" in card.data.tags and card.data.library_name == "transformers"
+    assert "## Evaluation results" in card.text
+    for name in ("brierlm", "brier1", "heldout_token_accuracy"):
+        assert f"| {name} | {summary['results'][name]:.6g} |" in card.text
+
+
+def test_llama_baseline_trains_on_the_same_blocks_and_scores(tiny_demo, tmp_path):
+    output_dir, _, _ = tiny_demo
+    # fmt: off
+    trainer, metrics = train_llama_baseline.main([
+        "--tokenizer", str(output_dir / "calm"), "--train_file", str(output_dir / "data" / "train.jsonl"),
+        "--validation_file", str(output_dir / "data" / "validation.jsonl"), "--block_size", "32",
+        "--hidden_size", "32", "--intermediate_size", "48", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+        "--num_key_value_heads", "2", "--max_steps", "4", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-3", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+        "--output_dir", str(tmp_path / "llama"),
+    ])
+    # fmt: on
+    assert trainer.state.global_step == 4 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    assert isinstance(model, LlamaForCausalLM)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    calm_tokenizer = AutoTokenizer.from_pretrained(output_dir / "calm")
+    assert model.config.vocab_size == len(calm_tokenizer) == len(tokenizer)
+    texts = [json.loads(line)["text"] for line in (output_dir / "data" / "validation.jsonl").open()]
+    scores = score_model(model, texts=texts, tokenizer=tokenizer, context_length=32, max_blocks=2, progress=False)
+    assert {"brier1", "brier4", "brierlm", "exact_brier1"} <= set(scores)
