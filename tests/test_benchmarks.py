@@ -13,6 +13,21 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SAMPLING = REPO_ROOT / "benchmarks" / "bench_sampling.py"
+BENCH_GENERATE = REPO_ROOT / "benchmarks" / "bench_generate.py"
+BENCH_TRAIN = REPO_ROOT / "benchmarks" / "bench_train.py"
+
+
+def run_quick(script: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def test_bench_sampling_quick_runs_and_reports_a_ratio():
@@ -47,3 +62,26 @@ def test_bench_loop_reference_is_the_official_rule():
     counts = Counter(tuple(p) for p in picks.tolist())
     assert set(counts) == {a, b}
     assert abs(counts[a] / 4000 - 0.75) < 0.03
+
+
+def test_bench_generate_quick_runs_and_reports_ratios():
+    """Both models, both batch sizes, the N-candidate row, and CALM's time split (the script itself checks that
+    every row generated exactly the requested number of tokens)."""
+    stdout = run_quick(BENCH_GENERATE)
+    speedups = re.findall(r"^speedup batch=(\d+) ([a-z-]+): ([0-9.]+)$", stdout, flags=re.MULTILINE)
+    assert [(b, name) for b, name, _ in speedups] == [
+        ("1", "calm"),
+        ("1", "calm-approx"),
+        ("2", "calm"),
+        ("2", "calm-approx"),
+    ], stdout
+    assert all(float(r) > 0 for _, _, r in speedups)
+    assert len(re.findall(r"^tokens/s batch=\d+ llama: [0-9.]+$", stdout, flags=re.MULTILINE)) == 2, stdout
+    assert "backbone" in stdout and "decoder" in stdout and "sampler" in stdout
+
+
+def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
+    stdout = run_quick(BENCH_TRAIN)
+    assert re.search(r"^speedup calm: [0-9.]+$", stdout, flags=re.MULTILINE), stdout
+    share = re.search(r"^head\+loss share: ([0-9.]+)$", stdout, flags=re.MULTILINE)
+    assert share and float(share.group(1)) > 0, stdout

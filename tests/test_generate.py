@@ -552,8 +552,9 @@ def test_temperature_one_draws_one_sample_per_row(model, monkeypatch):
     original = model.generative_head.forward
 
     def head(hidden_states, *args, **kwargs):
-        sizes.append(hidden_states.shape[0])
-        return original(hidden_states, *args, **kwargs)
+        latents = original(hidden_states, *args, **kwargs)
+        sizes.append(latents.shape[0])  # (samples per row, batch, latent)
+        return latents
 
     monkeypatch.setattr(model.generative_head, "forward", head)
     out = model.generate(prompt(3, batch=2), max_new_tokens=2 * K)

@@ -1,0 +1,324 @@
+"""Benchmark: CALM generation (K tokens per backbone step) against a Llama with the same backbone.
+
+Both models are random-initialised with identical backbone dimensions (hidden size, layers, heads, intermediate
+size, vocabulary) and run in the same dtype with the same attention implementation (SDPA): float32 on CPU, bf16 on
+GPU. The Llama (`LlamaForCausalLM`) generates through transformers' own `generate` (KV cache, multinomial sampling at
+temperature 1, no top-k / top-p); CALM through `CalmForCausalLM.generate` (one head sample per chunk at T = 1), and
+in a separate row with the batch approximation of temperature sampling (T = 1/2, N = `--num-candidates`). EOS is
+disabled on both, and the script checks that every row got exactly `--new-tokens` new tokens.
+
+    python benchmarks/bench_generate.py                      # prompt 128, 256 new tokens, batch 1 and 32
+    python benchmarks/bench_generate.py --device cuda        # bf16 + SDPA
+    python benchmarks/bench_generate.py --quick              # tiny model, a few steps (used by the tests)
+
+Prints, per batch size, the median seconds of a whole `generate` call (prefill included; the rows take turns), new tokens per second,
+and the speed-up over the Llama; then CALM's time split between backbone (prefill and steps), energy head, decoder
+(autoencoder decoder and argmax), sampler (the rest of choosing a chunk: candidate counting, the pick) and the
+generate loop's own work. The split comes from a separate, instrumented run (timers around each part, with a device
+synchronisation on GPU), so that the instrumentation does not slow the timed runs.
+"""
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from transformers_calm import CalmConfig, CalmForCausalLM
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Backbone and autoencoder sizes, shared with bench_train.py."""
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--intermediate-size", type=int, default=1376)
+    parser.add_argument("--num-layers", type=int, default=8)
+    parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--num-kv-heads", type=int, default=None, help="defaults to --num-heads")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--patch-size", type=int, default=4, help="K")
+    parser.add_argument("--latent-size", type=int, default=128)
+    parser.add_argument("--num-mlp-layers", type=int, default=4, help="energy head blocks")
+    parser.add_argument("--ae-hidden-size", type=int, default=512, help="autoencoder width (the official one: 512)")
+    parser.add_argument("--ae-intermediate-size", type=int, default=1280)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on GPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+QUICK_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": None,
+    "vocab_size": 512,
+    "latent_size": 16,
+    "num_mlp_layers": 2,
+    "ae_hidden_size": 64,
+    "ae_intermediate_size": 128,
+}
+
+
+def resolve_dtype(args, device: torch.device) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, args.dtype)
+
+
+def build_models(args, device: torch.device, dtype: torch.dtype, max_tokens: int) -> tuple[nn.Module, nn.Module]:
+    """`(calm, llama)`, random-initialised, same backbone dimensions, SDPA, EOS disabled, in eval mode."""
+    backbone = {
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads or args.num_heads,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": None,  # EOS disabled: both must produce every requested token
+        "pad_token_id": None,
+    }
+    torch.manual_seed(args.seed)
+    calm_config = CalmConfig(
+        **backbone,
+        max_position_embeddings=-(-max_tokens // args.patch_size),  # positions count chunks
+        patch_size=args.patch_size,
+        latent_size=args.latent_size,
+        num_mlp_layers=args.num_mlp_layers,
+        autoencoder_config={
+            "vocab_size": args.vocab_size,
+            "patch_size": args.patch_size,
+            "latent_size": args.latent_size,
+            "hidden_size": args.ae_hidden_size,
+            "intermediate_size": args.ae_intermediate_size,
+        },
+    )
+    calm = CalmForCausalLM._from_config(calm_config, attn_implementation="sdpa")
+    # The head's last layer starts at zero (every sample the same latent); a trained head's samples differ, and
+    # so should the candidates that the temperature sampler counts.
+    nn.init.normal_(calm.generative_head.final_layer.linears[-1].weight, std=0.02)
+    llama_config = LlamaConfig(**backbone, max_position_embeddings=max_tokens)
+    llama = LlamaForCausalLM._from_config(llama_config, attn_implementation="sdpa")
+    for model in (calm, llama):
+        model.to(device=device, dtype=dtype).eval()
+        model.generation_config.eos_token_id = None
+    implementations = {calm.model.backbone.config._attn_implementation, llama.config._attn_implementation}
+    assert implementations == {"sdpa"}, implementations
+    return calm, llama
+
+
+def llama_generate(llama, input_ids, new_tokens: int, generator=None):
+    """transformers' `generate`: KV cache, plain multinomial sampling at T = 1 (no top-k, no top-p), no EOS."""
+    return llama.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+
+
+def calm_generate(calm, input_ids, new_tokens: int, temperature: float, num_candidates: int, generator=None):
+    return calm.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=True,
+        temperature=temperature,
+        num_candidates=num_candidates,
+        max_new_tokens=new_tokens,
+        eos_token_id=None,
+        generator=generator,
+    )
+
+
+def timed_runs(function, repeats: int, synchronize) -> tuple[float, torch.Tensor]:
+    """Median seconds of `repeats` calls, and the last output."""
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        output = function()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), output
+
+
+class RegionTimer:
+    """Seconds spent in modules and methods of a CALM model during `generate`, measured with forward hooks and
+    wrapped methods (synchronising the device around each region, so GPU time lands in the right region)."""
+
+    def __init__(self, calm, synchronize):
+        self.calm = calm
+        self.synchronize = synchronize
+        self.seconds = defaultdict(float)
+        self._starts = {}
+        self._handles = []
+        self._wrapped = []
+
+    def _pre(self, name):
+        def hook(*_):
+            self.synchronize()
+            self._starts[name] = time.perf_counter()
+
+        return hook
+
+    def _post(self, name):
+        def hook(*_):
+            self.synchronize()
+            self.seconds[name] += time.perf_counter() - self._starts.pop(name)
+
+        return hook
+
+    def _wrap(self, name, method_name):
+        original = getattr(self.calm, method_name)
+
+        def wrapped(*args, **kwargs):
+            self._pre(name)()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._post(name)()
+
+        setattr(self.calm, method_name, wrapped)  # an instance attribute shadows the method
+        self._wrapped.append(method_name)
+
+    def __enter__(self):
+        for name, module in (("backbone", self.calm.model), ("head", self.calm.generative_head)):
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+        self._wrap("decoder", "decode_chunk_tokens")
+        self._wrap("choose_chunk", "sample_next_chunk")
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        for method_name in self._wrapped:
+            delattr(self.calm, method_name)
+
+    def split(self, total: float) -> dict[str, float]:
+        """Fractions of `total`: backbone, head, decoder, sampler (choosing a chunk minus head and decoder), other."""
+        s = self.seconds
+        parts = {
+            "backbone": s["backbone"],
+            "head": s["head"],
+            "decoder": s["decoder"],
+            "sampler": s["choose_chunk"] - s["head"] - s["decoder"],
+        }
+        parts["other"] = total - sum(parts.values())
+        return {name: value / total for name, value in parts.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--num-candidates", type=int, default=200, help="N of the batch-approximate sampler row")
+    parser.add_argument("--approx-temperature", type=float, default=0.5)
+    parser.add_argument(
+        "--approx-batch-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="batch sizes of the N-candidate row (default: all; it decodes N * batch latents per step)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median), rows taking turns")
+    parser.add_argument("--quick", action="store_true", help="tiny model, short prompt, a few steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK_SIZES.items():
+            setattr(args, name, value)
+        args.prompt_length, args.new_tokens, args.batch_sizes = 16, 16, [1, 2]
+        args.num_candidates, args.repeats, args.approx_batch_sizes = 8, 1, None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args, device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    approx_batch_sizes = args.batch_sizes if args.approx_batch_sizes is None else args.approx_batch_sizes
+
+    calm, llama = build_models(args, device, dtype, args.prompt_length + args.new_tokens)
+    print(
+        f"backbone: hidden {args.hidden_size}, intermediate {args.intermediate_size}, {args.num_layers} layers, "
+        f"{args.num_heads} heads, vocab {args.vocab_size}; CALM K={args.patch_size}, head {args.num_mlp_layers} "
+        f"blocks, autoencoder width {args.ae_hidden_size}; parameters: CALM "
+        f"{sum(p.numel() for p in calm.parameters()) / 1e6:.1f}M, Llama {sum(p.numel() for p in llama.parameters()) / 1e6:.1f}M"
+    )
+    print(
+        f"device {device.type}, {dtype}, SDPA, {torch.get_num_threads()} CPU thread(s); prompt {args.prompt_length}, "
+        f"{args.new_tokens} new tokens, median of {args.repeats} run(s) after a warm-up; torch {torch.__version__}"
+    )
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    rows = {
+        "llama": lambda ids, n: llama_generate(llama, ids, n),
+        "calm": lambda ids, n: calm_generate(calm, ids, n, 1.0, 1, generator),
+        "calm-approx": lambda ids, n: calm_generate(
+            calm, ids, n, args.approx_temperature, args.num_candidates, generator
+        ),
+    }
+    labels = {
+        "llama": "Llama, transformers generate (T=1)",
+        "calm": f"CALM K={args.patch_size} (T=1)",
+        "calm-approx": f"CALM K={args.patch_size} (T={args.approx_temperature:g}, N={args.num_candidates})",
+    }
+    print(f"{'batch':>5} {'model':<40} {'seconds':>9} {'new tok/s':>10} {'speed-up':>9}")
+    results, splits = {}, {}
+    for batch_size in args.batch_sizes:
+        input_ids = torch.randint(0, args.vocab_size, (batch_size, args.prompt_length), device=device)
+        names = [name for name in rows if name != "calm-approx" or batch_size in approx_batch_sizes]
+        for name in names:
+            rows[name](input_ids, min(args.new_tokens, 4 * args.patch_size))  # warm-up
+        # Rows take turns within every repeat, so that a machine slowing down or speeding up (shared hosts, clock
+        # changes) affects them alike and leaves the ratios alone.
+        times = defaultdict(list)
+        for _ in range(args.repeats):
+            for name in names:
+                seconds, output = timed_runs(lambda r=rows[name], i=input_ids: r(i, args.new_tokens), 1, synchronize)
+                times[name].append(seconds)
+                # EOS is disabled: every row must have exactly the requested number of new tokens.
+                assert output.shape == (batch_size, args.prompt_length + args.new_tokens), (name, tuple(output.shape))
+                assert torch.equal(output[:, : args.prompt_length], input_ids), name
+        for name in names:
+            seconds = results[batch_size, name] = statistics.median(times[name])
+            speedup = results[batch_size, "llama"] / seconds
+            tokens_per_second = batch_size * args.new_tokens / seconds
+            print(f"{batch_size:5d} {labels[name]:<40} {seconds:9.3f} {tokens_per_second:10.1f} {speedup:8.2f}x")
+            if name != "llama":
+                with torch.no_grad(), RegionTimer(calm, synchronize) as timer:
+                    synchronize()
+                    start = time.perf_counter()
+                    rows[name](input_ids, args.new_tokens)
+                    synchronize()
+                    total = time.perf_counter() - start
+                splits[batch_size, name] = timer.split(total)
+
+    print("\nCALM time split (instrumented run; fractions of its generate call)")
+    print(f"{'batch':>5} {'model':<40} {'backbone':>9} {'head':>7} {'decoder':>8} {'sampler':>8} {'other':>7}")
+    for (batch_size, name), split in splits.items():
+        print(
+            f"{batch_size:5d} {labels[name]:<40} "
+            + " ".join(f"{100 * split[part]:{w}.1f}%" for part, w in zip(split, (8, 6, 7, 7, 6), strict=True))
+        )
+    print()
+    for (batch_size, name), seconds in results.items():
+        tokens_per_second = batch_size * args.new_tokens / seconds
+        print(f"tokens/s batch={batch_size} {name}: {tokens_per_second:.1f}")
+        if name != "llama":
+            print(f"speedup batch={batch_size} {name}: {results[batch_size, 'llama'] / seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()
