@@ -28,17 +28,15 @@ Also callable in-process: `trainer, metrics = main([...same arguments...])`.
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
-import datasets
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 from transformers_calm import CalmForCausalLM, CalmTrainer
-from transformers_calm.data import PACKINGS, build_blocks, load_documents
+from transformers_calm.data import PACKINGS, load_blocks
+from transformers_calm.scripts import parse_script_args, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -189,20 +187,9 @@ def main(argv=None):
     before, is unchanged).
     """
     parser = HfArgumentParser((ModelArguments, LoraArguments, DataArguments, LoraTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, lora_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, lora_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, lora_args, data_args, training_args = parse_script_args(parser, argv)
 
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(logging.INFO if training_args.should_log else log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    setup_logging(training_args, __name__)
     set_seed(training_args.seed)
 
     # Importing transformers_calm registered CALM with the Auto classes.
@@ -216,28 +203,19 @@ def main(argv=None):
     if data_args.block_size % patch_size:
         raise ValueError(f"block_size ({data_args.block_size}) must be a multiple of patch_size ({patch_size}).")
 
-    with training_args.main_process_first(desc="dataset preprocessing"):
-        raw = {"train": load_documents(data_args.train_file, data_args.text_sample_by)}
-        if data_args.validation_file:
-            raw["validation"] = load_documents(data_args.validation_file, data_args.text_sample_by)
-        blocks = {
-            split: build_blocks(
-                dataset,
-                tokenizer,
-                patch_size,
-                data_args.block_size,
-                data_args.preprocessing_num_workers,
-                data_args.overwrite_cache,
-                packing=data_args.packing,
-            )
-            for split, dataset in raw.items()
-        }
-    for split, dataset in blocks.items():
-        if len(dataset) == 0:
-            raise ValueError(f"The {split} data hold fewer than block_size={data_args.block_size} tokens.")
-    train_dataset, eval_dataset = blocks["train"], blocks.get("validation")
-    if eval_dataset is not None and data_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+    train_dataset, eval_dataset = load_blocks(
+        data_args.train_file,
+        data_args.validation_file,
+        tokenizer,
+        patch_size,
+        data_args.block_size,
+        packing=data_args.packing,
+        sample_by=data_args.text_sample_by,
+        max_eval_samples=data_args.max_eval_samples,
+        num_proc=data_args.preprocessing_num_workers,
+        overwrite_cache=data_args.overwrite_cache,
+        main_process_first=training_args.main_process_first,
+    )
 
     target_modules = list(lora_args.lora_target_modules)
     if lora_args.lora_mlp:
@@ -263,17 +241,8 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,  # saved beside the adapter
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()  # a PeftModel: the adapter (and the trained head with --train_head) + tokenizer only
-    metrics = dict(train_result.metrics)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+    # Saves the adapter (and the trained head with --train_head) + tokenizer only: the model is a PeftModel.
+    metrics = train_and_evaluate(trainer)
 
     if trainer.is_world_process_zero():
         model = trainer.model

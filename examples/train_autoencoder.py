@@ -26,14 +26,10 @@ Also callable in-process: `trainer, metrics = main([...same arguments...])`.
 
 import logging
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from itertools import chain
 
-import datasets
 import torch
-import transformers
 from tqdm.auto import tqdm
 from transformers import (
     HfArgumentParser,
@@ -44,7 +40,8 @@ from transformers import (
 )
 
 from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig
-from transformers_calm.data import build_blocks, documents_to_ids, load_documents, prepare_tokenizer
+from transformers_calm.data import documents_to_ids, load_blocks, prepare_tokenizer
+from transformers_calm.scripts import parse_script_args, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -233,23 +230,9 @@ def evaluate_reconstruction(model, tokenizer, texts, block_size=2048, batch_size
 def main(argv=None):
     """Train (and evaluate) an autoencoder; returns `(trainer, metrics)` with the final train and eval metrics."""
     parser = HfArgumentParser((ModelArguments, DataArguments, AutoencoderTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_script_args(parser, argv)
 
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    # This script's own few lines (data, model size, added pad token) show on the main process; the libraries keep
-    # the level asked for with --log_level.
-    for name in (__name__, "transformers_calm"):
-        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    setup_logging(training_args, __name__)  # this script's lines (data, model size, added pad token)
 
     if data_args.block_size % model_args.patch_size:
         raise ValueError(
@@ -259,30 +242,18 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     tokenizer = prepare_tokenizer(model_args.tokenizer)
-    with training_args.main_process_first(desc="dataset preprocessing"):
-        raw = {"train": load_documents(data_args.train_file, data_args.text_sample_by)}
-        if data_args.validation_file:
-            raw["validation"] = load_documents(data_args.validation_file, data_args.text_sample_by)
-        blocks = {
-            split: build_blocks(
-                dataset,
-                tokenizer,
-                model_args.patch_size,
-                data_args.block_size,
-                data_args.preprocessing_num_workers,
-                data_args.overwrite_cache,
-            )
-            for split, dataset in raw.items()
-        }
-    for split, dataset in blocks.items():
-        if len(dataset) == 0:
-            raise ValueError(
-                f"The {split} data holds fewer than block_size={data_args.block_size} tokens: no block to "
-                "train/evaluate on. Use more text or a smaller --block_size."
-            )
-    train_dataset, eval_dataset = blocks["train"], blocks.get("validation")
-    if eval_dataset is not None and data_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+    train_dataset, eval_dataset = load_blocks(
+        data_args.train_file,
+        data_args.validation_file,
+        tokenizer,
+        model_args.patch_size,
+        data_args.block_size,
+        sample_by=data_args.text_sample_by,
+        max_eval_samples=data_args.max_eval_samples,
+        num_proc=data_args.preprocessing_num_workers,
+        overwrite_cache=data_args.overwrite_cache,
+        main_process_first=training_args.main_process_first,
+    )
     logger.info(
         f"{len(train_dataset)} training blocks of {data_args.block_size} tokens"
         + (f", {len(eval_dataset)} validation blocks" if eval_dataset is not None else "")
@@ -327,18 +298,7 @@ def main(argv=None):
         processing_class=tokenizer,  # saved beside the model by save_model and in every checkpoint
         data_collator=default_data_collator,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()  # model + tokenizer into output_dir
-    metrics = dict(train_result.metrics)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-
-    if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+    metrics = train_and_evaluate(trainer)
     return trainer, metrics
 
 

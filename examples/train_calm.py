@@ -38,16 +38,14 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-import datasets
 import torch
-import transformers
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, default_data_collator, set_seed
 
 from transformers_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
-from transformers_calm.data import PACKINGS, build_blocks, load_documents
+from transformers_calm.data import PACKINGS, load_blocks
+from transformers_calm.scripts import parse_script_args, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -193,22 +191,9 @@ def weight_checksum(model) -> str:
 def main(argv=None):
     """Train (and evaluate) a CALM language model; returns `(trainer, metrics)` with the final train and eval metrics."""
     parser = HfArgumentParser((ModelArguments, DataArguments, CalmTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_script_args(parser, argv)
 
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    # This script's own few lines show on the main process; the libraries keep the level asked for with --log_level.
-    for name in (__name__, "transformers_calm"):
-        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    setup_logging(training_args, __name__)
     logger.info(
         f"world size {training_args.world_size} ({training_args.distributed_state.distributed_type}), "
         f"device {training_args.device}"
@@ -260,31 +245,20 @@ def main(argv=None):
     logger.info(f"CalmForCausalLM: {trainable / 1e6:.2f}M trainable parameters (the autoencoder is frozen)")
 
     eval_packing = data_args.eval_packing or data_args.packing
-    with training_args.main_process_first(desc="dataset preprocessing"):
-        raw = {"train": load_documents(data_args.train_file, data_args.text_sample_by)}
-        if data_args.validation_file:
-            raw["validation"] = load_documents(data_args.validation_file, data_args.text_sample_by)
-        blocks = {
-            split: build_blocks(
-                dataset,
-                tokenizer,
-                K,
-                data_args.block_size,
-                num_proc=data_args.preprocessing_num_workers,
-                overwrite_cache=data_args.overwrite_cache,
-                packing=data_args.packing if split == "train" else eval_packing,
-            )
-            for split, dataset in raw.items()
-        }
-    for split, dataset in blocks.items():
-        if len(dataset) == 0:
-            raise ValueError(
-                f"The {split} data holds fewer than block_size={data_args.block_size} tokens: no block to "
-                "train/evaluate on. Use more text or a smaller --block_size."
-            )
-    train_dataset, eval_dataset = blocks["train"], blocks.get("validation")
-    if eval_dataset is not None and data_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+    train_dataset, eval_dataset = load_blocks(
+        data_args.train_file,
+        data_args.validation_file,
+        tokenizer,
+        K,
+        data_args.block_size,
+        packing=data_args.packing,
+        eval_packing=eval_packing,
+        sample_by=data_args.text_sample_by,
+        max_eval_samples=data_args.max_eval_samples,
+        num_proc=data_args.preprocessing_num_workers,
+        overwrite_cache=data_args.overwrite_cache,
+        main_process_first=training_args.main_process_first,
+    )
     logger.info(
         f"{len(train_dataset)} training blocks of {data_args.block_size} tokens ({data_args.packing} packing)"
         + (f", {len(eval_dataset)} validation blocks ({eval_packing} packing)" if eval_dataset is not None else "")
@@ -298,18 +272,7 @@ def main(argv=None):
         processing_class=tokenizer,  # saved beside the model by save_model and in every checkpoint
         data_collator=default_data_collator,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()  # model + tokenizer into output_dir
-    metrics = dict(train_result.metrics)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-
-    if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+    metrics = train_and_evaluate(trainer)
 
     checksum_dir = os.environ.get(CHECKSUM_DIR_ENV)
     if checksum_dir:

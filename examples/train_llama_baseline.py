@@ -18,10 +18,8 @@ Also callable in-process: `trainer, metrics = main([...])`.
 """
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
-import transformers
 from transformers import (
     AutoTokenizer,
     HfArgumentParser,
@@ -33,7 +31,8 @@ from transformers import (
     set_seed,
 )
 
-from transformers_calm.data import PACKINGS, build_blocks, load_documents
+from transformers_calm.data import PACKINGS, load_blocks
+from transformers_calm.scripts import parse_script_args, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -77,29 +76,21 @@ class BaselineTrainingArguments(TrainingArguments):
 def main(argv=None):
     """Train (and evaluate the cross-entropy of) the baseline; returns `(trainer, metrics)`."""
     parser = HfArgumentParser((ModelArguments, DataArguments, BaselineTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", stream=sys.stdout)
-    logger.setLevel(logging.INFO if training_args.should_log else training_args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    model_args, data_args, training_args = parse_script_args(parser, argv)
+    setup_logging(training_args, __name__)
     set_seed(training_args.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer)
-    with training_args.main_process_first(desc="dataset preprocessing"):
-        splits = {"train": data_args.train_file, "validation": data_args.validation_file}
-        blocks = {
-            split: build_blocks(
-                load_documents(path, data_args.text_sample_by),
-                tokenizer,
-                data_args.patch_size,
-                data_args.block_size,
-                packing=data_args.packing,
-            )
-            for split, path in splits.items()
-            if path
-        }
-    for split, dataset in blocks.items():
-        if len(dataset) == 0:
-            raise ValueError(f"The {split} data holds fewer than block_size={data_args.block_size} tokens.")
+    train_dataset, eval_dataset = load_blocks(
+        data_args.train_file,
+        data_args.validation_file,
+        tokenizer,
+        data_args.patch_size,
+        data_args.block_size,
+        packing=data_args.packing,
+        sample_by=data_args.text_sample_by,
+        main_process_first=training_args.main_process_first,
+    )
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -120,21 +111,12 @@ def main(argv=None):
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=blocks["train"],
-        eval_dataset=blocks.get("validation"),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
-    metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
-    trainer.save_model()
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if "validation" in blocks:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+    metrics = train_and_evaluate(trainer)
     return trainer, metrics
 
 

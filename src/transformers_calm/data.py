@@ -16,6 +16,7 @@ In both, the concatenated ids of a `datasets.map` batch are cut into blocks of `
 that fills no block is dropped (the `run_clm` recipe). Labels are a copy of the input ids (pads included).
 """
 
+import contextlib
 import logging
 from itertools import chain
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 PACKINGS = ("aligned", "stream")
 
-__all__ = ["PACKINGS", "build_blocks", "documents_to_ids", "load_documents", "prepare_tokenizer"]
+__all__ = ["PACKINGS", "build_blocks", "documents_to_ids", "load_blocks", "load_documents", "prepare_tokenizer"]
 
 
 def _check_packing(packing: str) -> str:
@@ -156,3 +157,65 @@ def build_blocks(dataset, tokenizer, patch_size, block_size, num_proc=None, over
         load_from_cache_file=not overwrite_cache,
         desc=f"Grouping into blocks of {block_size}",
     )
+
+
+def load_blocks(
+    train_file,
+    validation_file,
+    tokenizer,
+    patch_size,
+    block_size,
+    *,
+    packing="aligned",
+    eval_packing=None,
+    sample_by="paragraph",
+    max_eval_samples=None,
+    num_proc=None,
+    overwrite_cache=False,
+    main_process_first=None,
+):
+    """The training (and validation) blocks of the example scripts: [`load_documents`] then [`build_blocks`] per file.
+
+    Args:
+        train_file (`str`), validation_file (`str`, *optional*): see [`load_documents`].
+        tokenizer, patch_size, block_size, num_proc, overwrite_cache: see [`build_blocks`].
+        packing (`str`): packing of the training blocks; `eval_packing` that of the validation blocks (default:
+            `packing`).
+        sample_by (`str`): how plain-text files are cut into documents.
+        max_eval_samples (`int`, *optional*): keep at most this many validation blocks.
+        main_process_first (*optional*): `TrainingArguments.main_process_first`, so that in distributed runs the main
+            process fills the `datasets` cache before the others read it. The checks run after it, on every process,
+            so that bad input stops all of them instead of leaving some waiting at its barrier.
+
+    Returns:
+        `(train_dataset, eval_dataset)`, `eval_dataset` being `None` without `validation_file`.
+
+    Raises:
+        `ValueError` when a file holds fewer than `block_size` tokens, so that it gives no block at all.
+    """
+    files = {"train": (train_file, packing), "validation": (validation_file, eval_packing or packing)}
+    context = main_process_first(desc="dataset preprocessing") if main_process_first else contextlib.nullcontext()
+    with context:
+        blocks = {
+            split: build_blocks(
+                load_documents(path, sample_by),
+                tokenizer,
+                patch_size,
+                block_size,
+                num_proc=num_proc,
+                overwrite_cache=overwrite_cache,
+                packing=split_packing,
+            )
+            for split, (path, split_packing) in files.items()
+            if path
+        }
+    for split, dataset in blocks.items():
+        if len(dataset) == 0:
+            raise ValueError(
+                f"The {split} data holds fewer than block_size={block_size} tokens: no block to train/evaluate on. "
+                "Use more text or a smaller --block_size."
+            )
+    eval_dataset = blocks.get("validation")
+    if eval_dataset is not None and max_eval_samples is not None:
+        eval_dataset = eval_dataset.select(range(min(max_eval_samples, len(eval_dataset))))
+    return blocks["train"], eval_dataset
