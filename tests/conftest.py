@@ -4,6 +4,7 @@
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,9 @@ torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SRC_DIR = REPO_ROOT / "src"
+# The example scripts are imported by name, as `python examples/x.py` makes them importable: one module object per
+# script for the whole session (the Trainer pickles a script's TrainingArguments subclass by its module name).
+sys.path.insert(0, str(REPO_ROOT / "examples"))
 OFFICIAL_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "official-tiny"
 
 TINY = {"vocab_size": 97, "patch_size": 4, "latent_size": 8, "hidden_size": 32, "intermediate_size": 48}

@@ -3,7 +3,6 @@ to end with tiny sizes so that they keep working; `make demo` runs the full-size
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -17,9 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # un
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT = os.path.join(REPO_ROOT, "data", "wikitext_document_level-test.json")
-sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
-
-import demo  # noqa: E402
+import demo  # noqa: E402  (examples/ is on sys.path: conftest)
 import train_llama_baseline  # noqa: E402
 
 

@@ -2,9 +2,8 @@
 
 Tiny models built here, CPU, offline."""
 
-import importlib.util
+import importlib
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -41,15 +40,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("finetune_lora", REPO_ROOT / "examples" / "finetune_lora.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # the Trainer pickles the script's TrainingArguments class into the output
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune_lora = load_example()
+finetune_lora = importlib.import_module("finetune_lora")  # examples/ is on sys.path (conftest)
 
 
 def tiny_model(seed=0, **overrides) -> CalmForCausalLM:

@@ -2,7 +2,7 @@
 a tiny autoencoder are made here from a few documents of the bundled WikiText; CPU, offline. One test launches the
 script on 2 processes with torchrun (gloo)."""
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -44,12 +44,7 @@ EVAL_KEYS = {
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("train_calm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # Registered, as an import would: Trainer pickles the script's TrainingArguments subclass into training_args.bin.
-    sys.modules["train_calm"] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("train_calm")  # examples/ is on sys.path (conftest)
 
 
 def documents(count, skip=0, chars=1500):
