@@ -4,8 +4,10 @@
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 # Before transformers / huggingface_hub are imported: both read these at import time.
@@ -81,3 +83,51 @@ def official_dir() -> Path:
 @pytest.fixture(scope="session")
 def official_tensors(official_dir) -> dict[str, torch.Tensor]:
     return load_file(official_dir / "fixtures.safetensors")
+
+
+# Prepended to the child scripts of `run_without_package`: makes `import transformers_calm` fail in the child, as on a
+# machine where the package is not installed, and checks that it does.
+HIDE_PACKAGE = textwrap.dedent(
+    """
+    import importlib.abc, os, sys
+
+    class HideTransformersCalm(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "transformers_calm":
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+            return None
+
+    sys.meta_path.insert(0, HideTransformersCalm())
+    # The editable install puts src/ on sys.path through a .pth file: drop every entry that holds the package.
+    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "transformers_calm"))]
+    try:
+        import transformers_calm  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        sys.exit("transformers_calm is still importable in the child process")
+
+    """
+)
+
+
+def _run_without_package(script: str, args, cwd, **env) -> None:
+    """Run `script` (its arguments in `sys.argv[1:]`) in a child Python where transformers_calm cannot be imported,
+    offline, with the extra environment variables `env`; fail the test with its output if it fails."""
+    child_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    child_env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", **env)
+    proc = subprocess.run(
+        [sys.executable, "-c", HIDE_PACKAGE + script, *map(str, args)],
+        cwd=cwd,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="session")
+def run_without_package():
+    """`run_without_package(script, args, cwd, **env)`: see `_run_without_package`."""
+    return _run_without_package

@@ -5,8 +5,6 @@ Tiny models built here, CPU, offline. Every helper is defined in this file."""
 import copy
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -615,24 +613,6 @@ def test_auto_model_and_auto_config(saved_model):
 
 _CHILD = textwrap.dedent(
     """
-    import importlib.abc, os, sys
-
-    class HideTransformersCalm(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] == "transformers_calm":
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
-            return None
-
-    sys.meta_path.insert(0, HideTransformersCalm())
-    # The editable install puts src/ on sys.path through a .pth file: drop every entry that holds the package.
-    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "transformers_calm"))]
-    try:
-        import transformers_calm  # noqa: F401
-    except ModuleNotFoundError:
-        pass
-    else:
-        sys.exit("transformers_calm is still importable in the child process")
-
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -659,23 +639,18 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_without_the_package(saved_model, tmp_path):
+def test_trust_remote_code_without_the_package(saved_model, tmp_path, run_without_package):
     model, directory = saved_model
     ids = make_ids(seed=4)
     with torch.no_grad():
         ref = seeded_loss(model, ids, seed=11)
     torch.save({"input_ids": ids, "seed": 11}, tmp_path / "data.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_DISABLE_PROGRESS_BARS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(directory), str(tmp_path / "data.pt"), str(tmp_path / "result.pt")],
+    run_without_package(
+        _CHILD,
+        [directory, tmp_path / "data.pt", tmp_path / "result.pt"],
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
     )
-    assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
     result = torch.load(tmp_path / "result.pt")
     assert not result["package_imported"]
     config_cls, lm_cls, base_cls, ae_cls = result["classes"]

@@ -6,8 +6,6 @@ Tiny models built here, CPU, offline (`HF_HUB_OFFLINE=1`, set in conftest)."""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,24 +118,6 @@ def write_files(directory: Path, files: dict[str, bytes]) -> Path:
 
 _CHILD = textwrap.dedent(
     """
-    import importlib.abc, os, sys
-
-    class HideTransformersCalm(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] == "transformers_calm":
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
-            return None
-
-    sys.meta_path.insert(0, HideTransformersCalm())
-    # The editable install puts src/ on sys.path through a .pth file: drop every entry that holds the package.
-    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "transformers_calm"))]
-    try:
-        import transformers_calm  # noqa: F401
-    except ModuleNotFoundError:
-        pass
-    else:
-        sys.exit("transformers_calm is still importable in the child process")
-
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -167,7 +147,7 @@ _CHILD = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory):
+def published(tmp_path_factory, run_without_package):
     """Push a tiny CALM and a tiny autoencoder with the Hub mocked; rebuild the uploaded folders, lay the CALM one out
     as a Hub cache entry of "org/calm-tiny", and load all three in one child process where the package is hidden."""
     root = tmp_path_factory.mktemp("hub")
@@ -187,19 +167,14 @@ def published(tmp_path_factory):
     prompt = torch.randint(1, AE_KWARGS["vocab_size"], (2, 6), generator=generator)  # 6 is not a multiple of K
     ae_ids = torch.randint(1, AE_KWARGS["vocab_size"], (2, 3 * K), generator=generator)
     torch.save({"prompt": prompt, "ae_ids": ae_ids, "seed": 5}, root / "data.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(
-        HF_HUB_OFFLINE="1",
+    run_without_package(
+        _CHILD,
+        [calm_dir, ae_dir, "org/calm-tiny", root / "data.pt", root / "result.pt"],
+        cwd=root,
         HF_HUB_CACHE=str(cache),
         HF_MODULES_CACHE=str(root / "modules"),
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
         OMP_NUM_THREADS="1",
     )
-    args = [calm_dir, ae_dir, "org/calm-tiny", root / "data.pt", root / "result.pt"]
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, *map(str, args)], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"child failed:\n{proc.stdout}\n{proc.stderr}"
     return {
         "calm": calm,
         "autoencoder": autoencoder,
