@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import TINY_LM
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -67,15 +68,7 @@ def tiny_calm(K, seed=0, vocab_size=7) -> CalmForCausalLM:
         vocab_size=vocab_size,
         patch_size=K,
         latent_size=4,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_mlp_layers=2,
-        noise_size=8,
-        num_samples=4,
-        num_targets=16,
+        **TINY_LM,
         pad_token_id=0,
         max_position_embeddings=32,
         autoencoder_config=autoencoder,

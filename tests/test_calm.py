@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from common import TINY_LM
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import Cache
@@ -28,15 +29,7 @@ from transformers_calm.modeling_calm import energy_score_terms
 K = 3  # tokens per chunk; deliberately not 2 or 4
 AE_KWARGS = {"vocab_size": 61, "patch_size": K, "latent_size": 6, "hidden_size": 16, "intermediate_size": 24}
 LM_KWARGS = {
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_mlp_layers": 2,
-    "noise_size": 8,
-    "num_samples": 4,
-    "num_targets": 16,
+    **TINY_LM,
     "pad_token_id": 0,
 }
 AUTO_MAP = {

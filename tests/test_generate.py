@@ -13,6 +13,7 @@ import threading
 
 import pytest
 import torch
+from common import TINY_LM
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -46,15 +47,7 @@ def tiny_lm(seed: int = 0, vocab_size: int = VOCAB, patch_size: int = K, head_ga
         vocab_size=vocab_size,
         patch_size=patch_size,
         latent_size=4,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_mlp_layers=2,
-        noise_size=8,
-        num_samples=4,
-        num_targets=16,
+        **TINY_LM,
         pad_token_id=PAD,
         autoencoder_config=ae,
     )

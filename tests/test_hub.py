@@ -13,6 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
+from common import TINY_LM
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load as load_safetensors
@@ -25,15 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 K = 4
 AE_KWARGS = {"vocab_size": 53, "patch_size": K, "latent_size": 6, "hidden_size": 16, "intermediate_size": 24}
 LM_KWARGS = {
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_mlp_layers": 2,
-    "noise_size": 8,
-    "num_samples": 4,
-    "num_targets": 16,
+    **TINY_LM,
     "pad_token_id": 0,
     "eos_token_id": None,
 }

@@ -12,6 +12,7 @@ import warnings
 import datasets
 import pytest
 import torch
+from common import EVAL_KEYS
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TrainingArguments
 
@@ -30,17 +31,6 @@ SHAPE_ARGS = [
     "--num_key_value_heads", "2", "--num_mlp_layers", "2", "--noise_size", "8", "--num_samples", "4",
     "--num_targets", "8",
 ]  # fmt: skip
-EVAL_KEYS = {
-    "eval_loss",
-    "eval_energy_fidelity",
-    "eval_energy_diversity",
-    "eval_brier1",
-    "eval_brier2",
-    "eval_brier3",
-    "eval_brier4",
-    "eval_brierlm",
-    "eval_reconstruction_accuracy",
-}
 
 
 def load_example():

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from common import EVAL_KEYS, TINY_LM
 from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
@@ -36,27 +37,9 @@ AE_KWARGS = {
     "eos_token_id": 2,
 }
 LM_KWARGS = {
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_mlp_layers": 2,
-    "noise_size": 8,
-    "num_samples": 4,
+    **TINY_LM,
     "num_targets": 8,
     "max_position_embeddings": BLOCK // K,
-}
-EVAL_KEYS = {
-    "eval_loss",
-    "eval_energy_fidelity",
-    "eval_energy_diversity",
-    "eval_brier1",
-    "eval_brier2",
-    "eval_brier3",
-    "eval_brier4",
-    "eval_brierlm",
-    "eval_reconstruction_accuracy",
 }
 
 
