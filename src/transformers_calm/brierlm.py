@@ -271,6 +271,17 @@ class BrierTerms:
     references: torch.Tensor | None = None
     positions: str = "token"
 
+    @classmethod
+    def from_samples(cls, samples_1, samples_2, references, max_n: int, positions: str = "token") -> BrierTerms:
+        """The terms of two samples against the references (`brier_terms`), keeping the samples behind them."""
+        return cls(
+            terms=brier_terms(samples_1, samples_2, references, max_n),
+            samples_1=samples_1,
+            samples_2=samples_2,
+            references=references,
+            positions=positions,
+        )
+
 
 @torch.no_grad()
 def model_brier_terms(
@@ -415,7 +426,7 @@ def _causal_lm_terms(model, input_ids, generators, max_n, exact, exact_collision
 
     references = input_ids.unfold(1, max_n, 1)[:, 1 : num_positions + 1]
     x1, x2 = samples[:, 0], samples[:, 1]
-    result = BrierTerms(terms=brier_terms(x1, x2, references, max_n), samples_1=x1, samples_2=x2, references=references)
+    result = BrierTerms.from_samples(x1, x2, references, max_n)
     if exact:
         chain = gold.unfold(1, max_n, 1)[:, :num_positions].cumprod(-1)  # P(y[:n]), teacher-forced
         if exact_collision and max_n > 1:
@@ -506,13 +517,7 @@ def _calm_terms(model, input_ids, generators, max_n, positions, rows_per_pass) -
     if positions == "chunk" and steps == 0:
         x1, x2 = teacher[:, 0, :, :max_n], teacher[:, 1, :, :max_n]
         references = input_ids[:, K:].unflatten(1, (predicted, K))[..., :max_n]
-        return BrierTerms(
-            terms=brier_terms(x1, x2, references, max_n),
-            samples_1=x1,
-            samples_2=x2,
-            references=references,
-            positions=positions,
-        )
+        return BrierTerms.from_samples(x1, x2, references, max_n, positions)
 
     if positions == "chunk":
         # Official roll-out for K < max_n (paper code `eval_brier`). Accuracy: teacher-forced samples of the span's
@@ -584,13 +589,7 @@ def _calm_terms(model, input_ids, generators, max_n, positions, rows_per_pass) -
     x1 = rollouts[:, 0][:, chunk_pos].gather(-1, window.expand(batch, -1, -1))
     x2 = rollouts[:, 1][:, chunk_pos].gather(-1, window.expand(batch, -1, -1))
     references = input_ids.unfold(1, max_n, 1)[:, starts]
-    return BrierTerms(
-        terms=brier_terms(x1, x2, references, max_n),
-        samples_1=x1,
-        samples_2=x2,
-        references=references,
-        positions=positions,
-    )
+    return BrierTerms.from_samples(x1, x2, references, max_n, positions)
 
 
 # ------------------------------------------------------------------------------------------------- the protocol
