@@ -213,7 +213,7 @@ def evaluate_reconstruction(model, tokenizer, texts, block_size=2048, batch_size
     for start in tqdm(range(0, len(ids), batch_size), desc="Reconstructing", disable=not show_progress):
         batch = ids[start : start + batch_size].to(device)
         mean, _ = model.encode(batch)
-        correct[start : start + batch_size] = (model.decode(mean).argmax(-1) == batch).cpu()
+        correct[start : start + batch_size] = (model.decode_token_ids(mean) == batch).cpu()
     model.train(was_training)
     # The chunks of the fill come after every document chunk; they are not scored.
     chunk_correct = correct.view(-1, patch_size).all(-1)[:num_chunks]

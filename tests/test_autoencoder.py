@@ -174,9 +174,24 @@ def test_labels_shape_must_match_input_ids(tiny_model, make_ids):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 7), (2, 3, 9), (3, 8), (1, 2, 3, 8)])
-def test_decode_rejects_wrong_latent_shape(tiny_model, shape):
+@pytest.mark.parametrize("method", ["decode", "decode_token_ids"])
+def test_decode_rejects_wrong_latent_shape(tiny_model, shape, method):
     with pytest.raises(ValueError, match=r"latents must have shape \(batch_size, num_latents, latent_size=8\)"):
-        tiny_model().decode(torch.zeros(shape))
+        getattr(tiny_model(), method)(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("patch_size", [1, 4])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 1)])  # up to 256 rows: both ways of computing the scores
+def test_decode_token_ids_is_the_argmax_of_decode(tiny_model, patch_size, shape):
+    model = tiny_model(patch_size=patch_size).eval()
+    latents = torch.randn(*shape, 8, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        token_ids = model.decode_token_ids(latents)
+        logits = model.decode(latents)
+    assert token_ids.shape == (shape[0], shape[1] * patch_size) and token_ids.dtype == torch.long
+    # Summing the products in another order may flip an argmax between two logits within rounding: compare the
+    # logits of the chosen tokens instead of the ids.
+    torch.testing.assert_close(logits.gather(-1, token_ids[..., None]).squeeze(-1), logits.max(-1).values)
 
 
 @pytest.mark.parametrize("name", ["num_encoder_layers", "num_decoder_layers"])

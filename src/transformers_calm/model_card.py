@@ -123,7 +123,7 @@ autoencoder = AutoModel.from_pretrained("{model_id}", trust_remote_code=True)
 
 input_ids = torch.randint(0, autoencoder.config.vocab_size, (1, 8 * autoencoder.config.patch_size))
 mean, log_std = autoencoder.encode(input_ids)        # one posterior per chunk of K tokens
-reconstruction = autoencoder.decode(mean).argmax(-1)  # back to token ids"""
+reconstruction = autoencoder.decode_token_ids(mean)  # back to token ids"""
     return (
         f"```python\n{code}\n```\n\n"
         "`trust_remote_code=True` runs the model code stored in this repository (`configuration_*.py`, "

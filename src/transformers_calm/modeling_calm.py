@@ -522,10 +522,10 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
         per_latent = self.config.patch_size * self.config.vocab_size
         step = max(1, max_logits // per_latent)
         if len(flat) <= step:  # the usual case: one decoder call, no copy
-            tokens = self.autoencoder.decode(flat).argmax(-1)
+            tokens = self.autoencoder.decode_token_ids(flat)
         else:
             tokens = torch.cat(
-                [self.autoencoder.decode(flat[i : i + step]).argmax(-1) for i in range(0, len(flat), step)]
+                [self.autoencoder.decode_token_ids(flat[i : i + step]) for i in range(0, len(flat), step)]
             )
         return tokens.reshape(*latents.shape[:-1], self.config.patch_size)
 

@@ -184,6 +184,8 @@ class CalmEncoder(nn.Module):
 class CalmDecoder(nn.Module):
     """Latents `(batch, num_chunks, latent_size)` -> hidden states `(batch, num_chunks * K, hidden_size)`."""
 
+    _FEW_ROWS = 128  # up to this many tokens, `token_ids` computes the scores as W h^T (see there)
+
     def __init__(self, config: CalmAutoencoderConfig):
         super().__init__()
         self.config = config
@@ -194,6 +196,10 @@ class CalmDecoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.token_states(latents))
+
+    def token_states(self, latents: torch.Tensor) -> torch.Tensor:
+        """The normalised hidden state of every token, `(batch, num_chunks * K, hidden_size)`: the input of `lm_head`."""
         hidden_states = self.latent_to_hidden(latents)
         half = self.config.num_decoder_layers // 2
         for layer in self.decoder_layers[:half]:  # per chunk
@@ -203,7 +209,20 @@ class CalmDecoder(nn.Module):
         hidden_states = hidden_states.unflatten(-1, (self.config.patch_size, self.config.hidden_size)).flatten(-3, -2)
         for layer in self.decoder_layers[half:]:  # per token
             hidden_states = layer(hidden_states)
-        return self.lm_head(self.norm(hidden_states))
+        return self.norm(hidden_states)
+
+    def token_ids(self, latents: torch.Tensor) -> torch.LongTensor:
+        """`forward(latents).argmax(-1)`. For the few rows of a generation step (K per sequence) the scores are
+        computed as `W h^T`, (vocab, hidden) x (hidden, rows): CPU GEMM kernels run that 3-4x faster than
+        (rows, hidden) x (hidden, vocab) (batch 1, K = 4, 32k x 512: 4.7 ms instead of 16 ms), but slower from a few
+        hundred rows on (the two meet near 128 rows on a 2-core CPU). On GPU the two are the same GEMM."""
+        states = self.token_states(latents)
+        rows = states.flatten(0, -2)
+        if len(rows) <= self._FEW_ROWS:
+            token_ids = (self.lm_head.weight @ rows.T).argmax(0)
+        else:
+            token_ids = self.lm_head(rows).argmax(-1)
+        return token_ids.view(states.shape[:-1])
 
 
 class CalmAutoencoderPreTrainedModel(AtomicSavePreTrainedModel):
@@ -267,6 +286,13 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
                 f"to a multiple of {self.patch_size}, or group texts into blocks whose length is a multiple of K."
             )
 
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.dim() != 3 or latents.shape[-1] != self.config.latent_size:
+            raise ValueError(
+                f"latents must have shape (batch_size, num_latents, latent_size={self.config.latent_size}), "
+                f"got {tuple(latents.shape)}."
+            )
+
     def encode(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior of every chunk of K tokens.
 
@@ -291,12 +317,22 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         Returns:
             `torch.FloatTensor` of shape `(batch_size, num_latents * patch_size, vocab_size)`.
         """
-        if latents.dim() != 3 or latents.shape[-1] != self.config.latent_size:
-            raise ValueError(
-                f"latents must have shape (batch_size, num_latents, latent_size={self.config.latent_size}), "
-                f"got {tuple(latents.shape)}."
-            )
+        self._check_latents(latents)
         return self.decoder(latents)
+
+    def decode_token_ids(self, latents: torch.Tensor) -> torch.LongTensor:
+        """Token ids of latent vectors, `decode(latents).argmax(-1)` without materialising the logits as
+        `(rows, vocab)` (faster on CPU for the few rows of a generation step).
+
+        Args:
+            latents (`torch.FloatTensor` of shape `(batch_size, num_latents, latent_size)`):
+                One vector per chunk.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch_size, num_latents * patch_size)`.
+        """
+        self._check_latents(latents)
+        return self.decoder.token_ids(latents)
 
     def forward(
         self,

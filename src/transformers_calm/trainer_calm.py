@@ -219,7 +219,7 @@ class CalmTrainer(Trainer):
         with torch.no_grad(), self.accelerator.autocast():
             terms = model_brier_terms(calm, input_ids, seed=self.args.seed, block_indices=fingerprints).terms
             mean, _ = calm.autoencoder.encode(input_ids)
-            correct = calm.autoencoder.decode(mean).argmax(-1) == input_ids
+            correct = calm.autoencoder.decode_token_ids(mean) == input_ids
         scored = torch.ones_like(correct)
         attention_mask = inputs.get("attention_mask")
         if attention_mask is not None and attention_mask.shape == input_ids.shape:
