@@ -8,11 +8,15 @@ in a separate row with the batch approximation of temperature sampling (T = 1/2,
 disabled on both, and the script checks that every row got exactly `--new-tokens` new tokens.
 
     python benchmarks/bench_generate.py                      # prompt 128, 256 new tokens, batch 1 and 32
+    python benchmarks/bench_generate.py --preset calm-m      # the paper's CALM-M backbone and Llama-3 vocabulary
     python benchmarks/bench_generate.py --device cuda        # bf16 + SDPA
     python benchmarks/bench_generate.py --quick              # tiny model, a few steps (used by the tests)
 
-Prints, per batch size, the median seconds of a whole `generate` call (prefill included; the rows take turns), new tokens per second,
-and the speed-up over the Llama; then CALM's time split between backbone (prefill and steps), energy head, decoder
+Prints, per batch size, the median seconds of a whole `generate` call (prefill included; the rows take turns), new
+tokens per second, the speed-up over the Llama, and the FLOP ratio (Llama FLOPs / CALM FLOPs of the same call,
+counted with torch's FlopCounterMode): the speed-up if time followed the arithmetic. A measured speed-up far below it
+points at overhead; above it, at a memory- or launch-bound baseline. Then CALM's time split between backbone
+(prefill and steps), energy head, decoder
 (autoencoder decoder and argmax), sampler (the rest of choosing a chunk: candidate counting, the pick) and the
 generate loop's own work. The split comes from a separate, instrumented run (timers around each part, with a device
 synchronisation on GPU), so that the instrumentation does not slow the timed runs.
@@ -25,19 +29,29 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from transformers_calm import CalmConfig, CalmForCausalLM
 
+# Backbone sizes. The autoencoder (width 512), latent size (128) and head (4 blocks) are the official ones in both.
+PRESETS = {
+    # The default: a backbone small enough for a CPU run of a few minutes.
+    "small": {"hidden_size": 512, "intermediate_size": 1376, "num_layers": 8, "num_heads": 8, "vocab_size": 32000},
+    # The paper's CALM-M backbone (371.7M parameters without the autoencoder) and vocabulary (Llama-3 + [PAD]).
+    "calm-m": {"hidden_size": 1024, "intermediate_size": 2752, "num_layers": 16, "num_heads": 16, "vocab_size": 128257},
+}
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Backbone and autoencoder sizes, shared with bench_train.py."""
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=1376)
-    parser.add_argument("--num-layers", type=int, default=8)
-    parser.add_argument("--num-heads", type=int, default=8)
+    """Backbone and autoencoder sizes, shared with bench_train.py; call `apply_preset` on the parsed arguments."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="backbone sizes (default: small)")
+    parser.add_argument("--hidden-size", type=int, default=None, help="overrides the preset")
+    parser.add_argument("--intermediate-size", type=int, default=None, help="overrides the preset")
+    parser.add_argument("--num-layers", type=int, default=None, help="overrides the preset")
+    parser.add_argument("--num-heads", type=int, default=None, help="overrides the preset")
     parser.add_argument("--num-kv-heads", type=int, default=None, help="defaults to --num-heads")
-    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--vocab-size", type=int, default=None, help="overrides the preset")
     parser.add_argument("--patch-size", type=int, default=4, help="K")
     parser.add_argument("--latent-size", type=int, default=128)
     parser.add_argument("--num-mlp-layers", type=int, default=4, help="energy head blocks")
@@ -61,6 +75,25 @@ QUICK_SIZES = {
     "ae_hidden_size": 64,
     "ae_intermediate_size": 128,
 }
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the backbone sizes not given on the command line from `--preset`."""
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def count_flops(function) -> int:
+    """Floating-point operations of the matrix products and attention in `function()` (torch's FlopCounterMode:
+    2 per multiply-add; element-wise work is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def millions(module: nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}"
 
 
 def resolve_dtype(args, device: torch.device) -> torch.dtype:
@@ -242,6 +275,7 @@ def main(argv=None) -> None:
             setattr(args, name, value)
         args.prompt_length, args.new_tokens, args.batch_sizes = 16, 16, [1, 2]
         args.num_candidates, args.repeats, args.approx_batch_sizes = 8, 1, None
+    apply_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -253,8 +287,8 @@ def main(argv=None) -> None:
     print(
         f"backbone: hidden {args.hidden_size}, intermediate {args.intermediate_size}, {args.num_layers} layers, "
         f"{args.num_heads} heads, vocab {args.vocab_size}; CALM K={args.patch_size}, head {args.num_mlp_layers} "
-        f"blocks, autoencoder width {args.ae_hidden_size}; parameters: CALM "
-        f"{sum(p.numel() for p in calm.parameters()) / 1e6:.1f}M, Llama {sum(p.numel() for p in llama.parameters()) / 1e6:.1f}M"
+        f"blocks, autoencoder width {args.ae_hidden_size}; parameters: CALM {millions(calm)}M (autoencoder "
+        f"{millions(calm.autoencoder)}M), Llama {millions(llama)}M"
     )
     print(
         f"device {device.type}, {dtype}, SDPA, {torch.get_num_threads()} CPU thread(s); prompt {args.prompt_length}, "
@@ -274,7 +308,15 @@ def main(argv=None) -> None:
         "calm": f"CALM K={args.patch_size} (T=1)",
         "calm-approx": f"CALM K={args.patch_size} (T={args.approx_temperature:g}, N={args.num_candidates})",
     }
-    print(f"{'batch':>5} {'model':<40} {'seconds':>9} {'new tok/s':>10} {'speed-up':>9}")
+    # The work each row does, counted once at batch 1 (both models' FLOPs grow linearly with the batch): the
+    # speed-up that time proportional to FLOPs would give, to set against the measured one.
+    prompt = torch.randint(0, args.vocab_size, (1, args.prompt_length), device=device)
+    flops = {name: count_flops(lambda r=row: r(prompt, args.new_tokens)) for name, row in rows.items()}
+    print(
+        "FLOPs per new token (batch 1, prefill included): "
+        + ", ".join(f"{name} {flops[name] / args.new_tokens / 1e6:.1f} MFLOP" for name in rows)
+    )
+    print(f"{'batch':>5} {'model':<40} {'seconds':>9} {'new tok/s':>10} {'speed-up':>9} {'FLOP ratio':>11}")
     results, splits = {}, {}
     for batch_size in args.batch_sizes:
         input_ids = torch.randint(0, args.vocab_size, (batch_size, args.prompt_length), device=device)
@@ -295,7 +337,11 @@ def main(argv=None) -> None:
             seconds = results[batch_size, name] = statistics.median(times[name])
             speedup = results[batch_size, "llama"] / seconds
             tokens_per_second = batch_size * args.new_tokens / seconds
-            print(f"{batch_size:5d} {labels[name]:<40} {seconds:9.3f} {tokens_per_second:10.1f} {speedup:8.2f}x")
+            flop_ratio = flops["llama"] / flops[name]
+            print(
+                f"{batch_size:5d} {labels[name]:<40} {seconds:9.3f} {tokens_per_second:10.1f} {speedup:8.2f}x "
+                f"{flop_ratio:10.2f}x"
+            )
             if name != "llama":
                 with torch.no_grad(), RegionTimer(calm, synchronize) as timer:
                     synchronize()
@@ -318,6 +364,9 @@ def main(argv=None) -> None:
         print(f"tokens/s batch={batch_size} {name}: {tokens_per_second:.1f}")
         if name != "llama":
             print(f"speedup batch={batch_size} {name}: {results[batch_size, 'llama'] / seconds:.2f}")
+    for name in rows:
+        if name != "llama":
+            print(f"flop ratio {name}: {flops['llama'] / flops[name]:.2f}")
 
 
 if __name__ == "__main__":

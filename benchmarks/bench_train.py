@@ -7,13 +7,15 @@ the token cross-entropy. float32 on CPU; on GPU float32 weights under bf16 autoc
 `Trainer`).
 
     python benchmarks/bench_train.py                   # batch 8 x 256 tokens
+    python benchmarks/bench_train.py --preset calm-m   # the paper's CALM-M backbone and Llama-3 vocabulary
     python benchmarks/bench_train.py --device cuda
     python benchmarks/bench_train.py --quick           # tiny model, one step (used by the tests)
 
-Prints the median step time and training tokens per second of both, the speed-up (Llama step / CALM step), and the
-share of a CALM step spent in the energy head and loss: the energy loss (autoencoder posterior of the targets, N head
-samples, energy score) forward and backward, timed on its own on the backbone's detached hidden states, divided by
-the whole step; the autoencoder's part of it is printed beside.
+Prints the median step time and training tokens per second of both, the speed-up (Llama step / CALM step), the FLOP
+ratio (forward and backward FLOPs counted with torch's FlopCounterMode: the speed-up if time followed the
+arithmetic), and the share of a CALM step spent in the energy head and loss: the energy loss (autoencoder posterior
+of the targets, N head samples, energy score) forward and backward, timed on its own on the backbone's detached
+hidden states, divided by the whole step, in time and in FLOPs; the autoencoder's part of it is printed beside.
 """
 
 import argparse
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import QUICK_SIZES, add_model_arguments, build_models  # noqa: E402
+from bench_generate import QUICK_SIZES, add_model_arguments, apply_preset, build_models, count_flops  # noqa: E402
 
 
 def median_seconds(function, steps: int, warmup: int, synchronize) -> float:
@@ -55,6 +57,7 @@ def main(argv=None) -> None:
         for name, value in QUICK_SIZES.items():
             setattr(args, name, value)
         args.batch_size, args.seq_length, args.steps, args.warmup = 2, 32, 1, 1
+    apply_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -98,6 +101,16 @@ def main(argv=None) -> None:
         for name, model in (("llama", llama), ("calm", calm))
     }
     steps = {name: train_step(model, optimizers[name]) for name, model in (("llama", llama), ("calm", calm))}
+
+    def forward_backward(model):
+        with autocast():
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    # The arithmetic of a step (forward and backward; AdamW is element-wise and not counted).
+    flops = {
+        name: count_flops(lambda m=model: forward_backward(m)) for name, model in (("llama", llama), ("calm", calm))
+    }
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -125,23 +138,30 @@ def main(argv=None) -> None:
             calm.autoencoder.encode(input_ids[:, args.patch_size :])
 
     head_seconds = median_seconds(head_and_loss, args.steps, args.warmup, synchronize)
+    head_flops = count_flops(head_and_loss)
     encode_seconds = median_seconds(targets_posterior, args.steps, args.warmup, synchronize)
 
     tokens = args.batch_size * args.seq_length
-    print(f"{'model':<8} {'step s':>8} {'tokens/s':>10} {'speed-up':>9}")
+    print(f"{'model':<8} {'step s':>8} {'tokens/s':>10} {'speed-up':>9} {'GFLOP/step':>11} {'FLOP ratio':>11}")
     for name in ("llama", "calm"):
-        print(f"{name:<8} {seconds[name]:8.3f} {tokens / seconds[name]:10.1f} {seconds['llama'] / seconds[name]:8.2f}x")
+        print(
+            f"{name:<8} {seconds[name]:8.3f} {tokens / seconds[name]:10.1f} {seconds['llama'] / seconds[name]:8.2f}x "
+            f"{flops[name] / 1e9:11.1f} {flops['llama'] / flops[name]:10.2f}x"
+        )
     share = head_seconds / seconds["calm"]
+    flop_share = head_flops / flops["calm"]
     print(
-        f"CALM energy head + loss (forward + backward): {1000 * head_seconds:.1f} ms = {100 * share:.1f}% of a step "
-        f"(of which the autoencoder's posterior of the targets {1000 * encode_seconds:.1f} ms, "
-        f"{100 * encode_seconds / seconds['calm']:.1f}%)"
+        f"CALM energy head + loss (forward + backward): {1000 * head_seconds:.1f} ms = {100 * share:.1f}% of a step's "
+        f"time and {100 * flop_share:.1f}% of its FLOPs (of which the autoencoder's posterior of the targets "
+        f"{1000 * encode_seconds:.1f} ms, {100 * encode_seconds / seconds['calm']:.1f}%)"
     )
     print()
     print(f"tokens/s llama: {tokens / seconds['llama']:.1f}")
     print(f"tokens/s calm: {tokens / seconds['calm']:.1f}")
     print(f"speedup calm: {seconds['llama'] / seconds['calm']:.2f}")
+    print(f"flop ratio calm: {flops['llama'] / flops['calm']:.2f}")
     print(f"head+loss share: {share:.3f}")
+    print(f"head+loss flop share: {flop_share:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The benchmarks run (quick mode) and report; no timing is asserted."""
 
+import argparse
 import importlib.util
 import os
 import random
@@ -64,6 +65,33 @@ def test_bench_loop_reference_is_the_official_rule():
     assert abs(counts[a] / 4000 - 0.75) < 0.03
 
 
+def load_bench_generate():
+    spec = importlib.util.spec_from_file_location("bench_generate", BENCH_GENERATE)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_calm_m_preset_is_the_papers_calm_m_and_transformer_m():
+    """The preset reproduces the parameter counts of the official configs (reference: CALM-M 371.7M without the
+    autoencoder, whose ~75.9M come on top; the same backbone as an AR model is Transformer-M, 465.1M); built on the
+    meta device, so no memory is allocated. Sizes given on the command line win over the preset."""
+    bench = load_bench_generate()
+    parser = argparse.ArgumentParser()
+    bench.add_model_arguments(parser)
+    args = parser.parse_args(["--preset", "calm-m"])
+    bench.apply_preset(args)
+    with torch.device("meta"):
+        calm, llama = bench.build_models(args, torch.device("meta"), torch.float32, 2048)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert round((count(calm) - count(calm.autoencoder)) / 1e6, 1) == 371.7
+    assert abs(count(calm.autoencoder) / 1e6 - 75.9) < 0.1  # the reference gives "about 75.9M"
+    assert round(count(llama) / 1e6, 1) == 465.1
+    overridden = parser.parse_args(["--preset", "calm-m", "--num-layers", "2"])
+    bench.apply_preset(overridden)
+    assert (overridden.num_layers, overridden.hidden_size) == (2, 1024)
+
+
 def test_bench_generate_quick_runs_and_reports_ratios():
     """Both models, both batch sizes, the N-candidate row, and CALM's time split (the script itself checks that
     every row generated exactly the requested number of tokens)."""
@@ -78,6 +106,10 @@ def test_bench_generate_quick_runs_and_reports_ratios():
     assert all(float(r) > 0 for _, _, r in speedups)
     assert len(re.findall(r"^tokens/s batch=\d+ llama: [0-9.]+$", stdout, flags=re.MULTILINE)) == 2, stdout
     assert "backbone" in stdout and "decoder" in stdout and "sampler" in stdout
+    flop_ratios = re.findall(r"^flop ratio ([a-z-]+): ([0-9.]+)$", stdout, flags=re.MULTILINE)
+    assert [name for name, _ in flop_ratios] == ["calm", "calm-approx"], stdout
+    # N candidates per step cost more arithmetic than one sample.
+    assert float(flop_ratios[0][1]) > float(flop_ratios[1][1]) > 0
 
 
 def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
@@ -85,3 +117,6 @@ def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
     assert re.search(r"^speedup calm: [0-9.]+$", stdout, flags=re.MULTILINE), stdout
     share = re.search(r"^head\+loss share: ([0-9.]+)$", stdout, flags=re.MULTILINE)
     assert share and float(share.group(1)) > 0, stdout
+    flop_share = re.search(r"^head\+loss flop share: ([0-9.]+)$", stdout, flags=re.MULTILINE)
+    assert flop_share and 0 < float(flop_share.group(1)) < 1, stdout
+    assert re.search(r"^flop ratio calm: [0-9.]+$", stdout, flags=re.MULTILINE), stdout
