@@ -35,8 +35,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 from transformers_calm import CalmForCausalLM, CalmTrainer
-from transformers_calm.data import PACKINGS, load_blocks
-from transformers_calm.scripts import parse_script_args, setup_logging, train_and_evaluate
+from transformers_calm.data import PACKINGS
+from transformers_calm.scripts import ScriptDataArguments, parse_script_args, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +92,7 @@ class LoraArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "JSON lines with a `text` field (.json/.jsonl), or plain text."})
-    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
-    block_size: int = field(
-        default=2048, metadata={"help": "Tokens per training sequence; must be a multiple of K (patch_size)."}
-    )
-    text_sample_by: str = field(
-        default="paragraph",
-        metadata={"help": "How a plain-text file is cut into documents: line, paragraph or document (whole file)."},
-    )
+class DataArguments(ScriptDataArguments):
     packing: str = field(
         default="aligned",
         metadata={
@@ -111,9 +102,6 @@ class DataArguments:
             "choices": list(PACKINGS),
         },
     )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
-    preprocessing_num_workers: int | None = field(default=None)
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenised datasets."})
 
 
 @dataclass
@@ -203,19 +191,7 @@ def main(argv=None):
     if data_args.block_size % patch_size:
         raise ValueError(f"block_size ({data_args.block_size}) must be a multiple of patch_size ({patch_size}).")
 
-    train_dataset, eval_dataset = load_blocks(
-        data_args.train_file,
-        data_args.validation_file,
-        tokenizer,
-        patch_size,
-        data_args.block_size,
-        packing=data_args.packing,
-        sample_by=data_args.text_sample_by,
-        max_eval_samples=data_args.max_eval_samples,
-        num_proc=data_args.preprocessing_num_workers,
-        overwrite_cache=data_args.overwrite_cache,
-        main_process_first=training_args.main_process_first,
-    )
+    train_dataset, eval_dataset = data_args.load_blocks(tokenizer, patch_size, training_args, packing=data_args.packing)
 
     target_modules = list(lora_args.lora_target_modules)
     if lora_args.lora_mlp:

@@ -34,14 +34,19 @@ from tqdm.auto import tqdm
 from transformers import (
     HfArgumentParser,
     Trainer,
-    TrainingArguments,
     default_data_collator,
     set_seed,
 )
 
 from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig
-from transformers_calm.data import documents_to_ids, load_blocks, prepare_tokenizer
-from transformers_calm.scripts import parse_script_args, setup_logging, train_and_evaluate
+from transformers_calm.data import documents_to_ids, prepare_tokenizer
+from transformers_calm.scripts import (
+    OfficialTrainingArguments,
+    ScriptDataArguments,
+    parse_script_args,
+    setup_logging,
+    train_and_evaluate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,30 +79,15 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "JSON lines with a `text` field (.json/.jsonl), or plain text."})
-    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
+class DataArguments(ScriptDataArguments):
     block_size: int = field(
         default=2048, metadata={"help": "Tokens per training sequence; must be a multiple of patch_size."}
     )
-    text_sample_by: str = field(
-        default="paragraph",
-        metadata={"help": "How a plain-text file is cut into documents: line, paragraph or document (whole file)."},
-    )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
-    preprocessing_num_workers: int | None = field(default=None)
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenised datasets."})
 
 
 @dataclass
-class AutoencoderTrainingArguments(TrainingArguments):
+class AutoencoderTrainingArguments(OfficialTrainingArguments):
     """`TrainingArguments` whose defaults are the official autoencoder run's optimiser settings."""
-
-    learning_rate: float = field(default=3e-4)
-    adam_beta2: float = field(default=0.95)
-    weight_decay: float = field(default=0.1)
-    lr_scheduler_type: str = field(default="constant")  # the official warmup_steps=1000 is ignored by "constant"
-    max_grad_norm: float = field(default=1.0)
 
 
 class CalmAutoencoderTrainer(Trainer):
@@ -242,18 +232,7 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     tokenizer = prepare_tokenizer(model_args.tokenizer)
-    train_dataset, eval_dataset = load_blocks(
-        data_args.train_file,
-        data_args.validation_file,
-        tokenizer,
-        model_args.patch_size,
-        data_args.block_size,
-        sample_by=data_args.text_sample_by,
-        max_eval_samples=data_args.max_eval_samples,
-        num_proc=data_args.preprocessing_num_workers,
-        overwrite_cache=data_args.overwrite_cache,
-        main_process_first=training_args.main_process_first,
-    )
+    train_dataset, eval_dataset = data_args.load_blocks(tokenizer, model_args.patch_size, training_args)
     logger.info(
         f"{len(train_dataset)} training blocks of {data_args.block_size} tokens"
         + (f", {len(eval_dataset)} validation blocks" if eval_dataset is not None else "")

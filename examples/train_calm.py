@@ -41,11 +41,17 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, default_data_collator, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, default_data_collator, set_seed
 
 from transformers_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
-from transformers_calm.data import PACKINGS, load_blocks
-from transformers_calm.scripts import parse_script_args, setup_logging, train_and_evaluate
+from transformers_calm.data import PACKINGS
+from transformers_calm.scripts import (
+    OfficialTrainingArguments,
+    ScriptDataArguments,
+    parse_script_args,
+    setup_logging,
+    train_and_evaluate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +97,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "JSON lines with a `text` field (.json/.jsonl), or plain text."})
-    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
+class DataArguments(ScriptDataArguments):
     block_size: int = field(
         default=8192,
         metadata={"help": "Tokens per sequence (the official 8192); must be a multiple of the autoencoder's K."},
@@ -117,24 +121,12 @@ class DataArguments:
             "choices": list(PACKINGS),
         },
     )
-    text_sample_by: str = field(
-        default="paragraph",
-        metadata={"help": "How a plain-text file is cut into documents: line, paragraph or document (whole file)."},
-    )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
-    preprocessing_num_workers: int | None = field(default=None)
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenised datasets."})
 
 
 @dataclass
-class CalmTrainingArguments(TrainingArguments):
+class CalmTrainingArguments(OfficialTrainingArguments):
     """`TrainingArguments` whose defaults are the official CALM run's optimiser settings."""
 
-    learning_rate: float = field(default=3e-4)
-    adam_beta2: float = field(default=0.95)
-    weight_decay: float = field(default=0.1)
-    lr_scheduler_type: str = field(default="constant")  # the official warmup_steps=2000 is ignored by "constant"
-    max_grad_norm: float = field(default=1.0)
     # Every trainable parameter is used by the loss (the autoencoder is frozen): DDP needs no unused-parameter search.
     ddp_find_unused_parameters: bool | None = field(default=False)
 
@@ -245,19 +237,8 @@ def main(argv=None):
     logger.info(f"CalmForCausalLM: {trainable / 1e6:.2f}M trainable parameters (the autoencoder is frozen)")
 
     eval_packing = data_args.eval_packing or data_args.packing
-    train_dataset, eval_dataset = load_blocks(
-        data_args.train_file,
-        data_args.validation_file,
-        tokenizer,
-        K,
-        data_args.block_size,
-        packing=data_args.packing,
-        eval_packing=eval_packing,
-        sample_by=data_args.text_sample_by,
-        max_eval_samples=data_args.max_eval_samples,
-        num_proc=data_args.preprocessing_num_workers,
-        overwrite_cache=data_args.overwrite_cache,
-        main_process_first=training_args.main_process_first,
+    train_dataset, eval_dataset = data_args.load_blocks(
+        tokenizer, K, training_args, packing=data_args.packing, eval_packing=eval_packing
     )
     logger.info(
         f"{len(train_dataset)} training blocks of {data_args.block_size} tokens ({data_args.packing} packing)"

@@ -26,13 +26,18 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
-    TrainingArguments,
     default_data_collator,
     set_seed,
 )
 
-from transformers_calm.data import PACKINGS, load_blocks
-from transformers_calm.scripts import parse_script_args, setup_logging, train_and_evaluate
+from transformers_calm.data import PACKINGS
+from transformers_calm.scripts import (
+    OfficialTrainingArguments,
+    ScriptDataArguments,
+    parse_script_args,
+    setup_logging,
+    train_and_evaluate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,26 +56,17 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "JSON lines with a `text` field (.json/.jsonl), or plain text."})
-    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
+class DataArguments(ScriptDataArguments):
     block_size: int = field(default=2048, metadata={"help": "Tokens per training sequence."})
     patch_size: int = field(
         default=4, metadata={"help": "K of the CALM run being matched: the aligned packing pads documents to it."}
     )
     packing: str = field(default="aligned", metadata={"help": f"One of {PACKINGS}; use the CALM run's packing."})
-    text_sample_by: str = field(default="paragraph", metadata={"help": "line, paragraph or document (plain text)."})
 
 
 @dataclass
-class BaselineTrainingArguments(TrainingArguments):
+class BaselineTrainingArguments(OfficialTrainingArguments):
     """The official optimiser settings (AdamW (0.9, 0.95), wd 0.1, constant lr 3e-4, clip 1.0), as train_calm.py."""
-
-    learning_rate: float = field(default=3e-4)
-    adam_beta2: float = field(default=0.95)
-    weight_decay: float = field(default=0.1)
-    lr_scheduler_type: str = field(default="constant")
-    max_grad_norm: float = field(default=1.0)
 
 
 def main(argv=None):
@@ -81,15 +77,8 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer)
-    train_dataset, eval_dataset = load_blocks(
-        data_args.train_file,
-        data_args.validation_file,
-        tokenizer,
-        data_args.patch_size,
-        data_args.block_size,
-        packing=data_args.packing,
-        sample_by=data_args.text_sample_by,
-        main_process_first=training_args.main_process_first,
+    train_dataset, eval_dataset = data_args.load_blocks(
+        tokenizer, data_args.patch_size, training_args, packing=data_args.packing
     )
 
     config = LlamaConfig(

@@ -1,12 +1,65 @@
-"""Steps shared by the training scripts in `examples/` (autoencoder, CALM, LoRA, Llama baseline): parsing their
-arguments, setting up logging, and the `run_clm`-style train / save / evaluate sequence."""
+"""Steps shared by the training scripts in `examples/` (autoencoder, CALM, LoRA, Llama baseline): their common data
+and optimiser arguments, parsing them, loading the blocks, setting up logging, and the `run_clm`-style train / save /
+evaluate sequence."""
 
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 import datasets
 import transformers
+
+from .data import load_blocks
+
+
+@dataclass
+class ScriptDataArguments:
+    """The data arguments of every training script; each script's `DataArguments` adds its packing options and may
+    redefine `block_size` with its own default."""
+
+    train_file: str = field(metadata={"help": "JSON lines with a `text` field (.json/.jsonl), or plain text."})
+    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
+    block_size: int = field(
+        default=2048, metadata={"help": "Tokens per training sequence; must be a multiple of K (patch_size)."}
+    )
+    text_sample_by: str = field(
+        default="paragraph",
+        metadata={"help": "How a plain-text file is cut into documents: line, paragraph or document (whole file)."},
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
+    preprocessing_num_workers: int | None = field(default=None)
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenised datasets."})
+
+    def load_blocks(self, tokenizer, patch_size: int, training_args: transformers.TrainingArguments, **packing):
+        """`(train_dataset, eval_dataset)` of these files: [`transformers_calm.data.load_blocks`] with these arguments;
+        `packing`: its `packing` / `eval_packing`."""
+        return load_blocks(
+            self.train_file,
+            self.validation_file,
+            tokenizer,
+            patch_size,
+            self.block_size,
+            sample_by=self.text_sample_by,
+            max_eval_samples=self.max_eval_samples,
+            num_proc=self.preprocessing_num_workers,
+            overwrite_cache=self.overwrite_cache,
+            main_process_first=training_args.main_process_first,
+            **packing,
+        )
+
+
+@dataclass
+class OfficialTrainingArguments(transformers.TrainingArguments):
+    """`TrainingArguments` whose defaults are the official CALM runs' optimiser settings: AdamW (0.9, 0.95), weight
+    decay 0.1, constant learning rate 3e-4, gradient clipping 1.0. (The official warmup_steps, 1000 for the
+    autoencoder and 2000 for CALM, are ignored by the "constant" scheduler, so they are not set.)"""
+
+    learning_rate: float = field(default=3e-4)
+    adam_beta2: float = field(default=0.95)
+    weight_decay: float = field(default=0.1)
+    lr_scheduler_type: str = field(default="constant")
+    max_grad_norm: float = field(default=1.0)
 
 
 def parse_script_args(parser: transformers.HfArgumentParser, argv=None) -> tuple:
