@@ -1,7 +1,8 @@
 """Shared fixtures. The tests run offline, build their own tiny models, and read the official golden fixtures from
-`../shared/fixtures/official-tiny` relative to the repository root."""
+`tests/fixtures/official-tiny` (a copy of the official code's outputs, shipped with the repository)."""
 
 import atexit
+import logging
 import os
 import shutil
 import subprocess
@@ -13,6 +14,10 @@ from pathlib import Path
 # Before transformers / huggingface_hub are imported: both read these at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# As pyproject's pytest `filterwarnings` does in this process: a FutureWarning (a library's deprecation addressed to
+# its callers) is an error in the scripts that the tests run as child processes too (examples, converter, benchmarks,
+# torchrun ranks).
+os.environ["PYTHONWARNINGS"] = "error::FutureWarning"
 # The models are tiny: extra threads only add synchronisation cost (hundreds of times slower on a busy machine).
 os.environ["OMP_NUM_THREADS"] = "1"
 _MODULES_CACHE = tempfile.mkdtemp(prefix="calm-tests-hf-modules-")
@@ -32,7 +37,35 @@ SRC_DIR = REPO_ROOT / "src"
 # The example scripts are imported by name, as `python examples/x.py` makes them importable: one module object per
 # script for the whole session (the Trainer pickles a script's TrainingArguments subclass by its module name).
 sys.path.insert(0, str(REPO_ROOT / "examples"))
-OFFICIAL_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "official-tiny"
+OFFICIAL_DIR = Path(__file__).resolve().parent / "fixtures" / "official-tiny"
+
+
+
+class _DeprecationRecords(logging.Handler):
+    """transformers reports some deprecations through its logger rather than `warnings` (5.24: "`past_key_values`/
+    `cache_params` are deprecated. Use `cache` instead."); this collects them."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_logged_deprecations():
+    """A deprecation that transformers logs during a test fails the test, as a deprecation warning does."""
+    handler = _DeprecationRecords()
+    logger = logging.getLogger("transformers")  # the library's root logger: every transformers module logs through it
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    if handler.messages:
+        pytest.fail("transformers logged a deprecation: " + " | ".join(handler.messages), pytrace=False)
+
 
 TINY = {"vocab_size": 97, "patch_size": 4, "latent_size": 8, "hidden_size": 32, "intermediate_size": 48}
 
@@ -73,8 +106,8 @@ def make_ids():
 def official_dir() -> Path:
     if not (OFFICIAL_DIR / "fixtures.safetensors").is_file():
         pytest.fail(
-            f"Official CALM fixtures not found at {OFFICIAL_DIR}. The parity tests need the shared folder beside the "
-            "repository (../shared/fixtures/official-tiny, as in CI).",
+            f"Official CALM fixtures not found at {OFFICIAL_DIR}: they are part of the repository "
+            "(tests/fixtures/official-tiny); restore them with git.",
             pytrace=False,
         )
     return OFFICIAL_DIR

@@ -32,6 +32,7 @@ from transformers_calm.brierlm import (
     model_brier_terms,
     score_model,
 )
+from transformers_calm.compat import CACHE_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_N = 4
@@ -318,11 +319,11 @@ def test_cache_rows_continue_exactly_like_a_full_forward():
 
     def forward(tokens, mask, position_ids, cache):
         return llama(
-            input_ids=tokens, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+            input_ids=tokens, attention_mask=mask, position_ids=position_ids, use_cache=True, **{CACHE_NAME: cache}
         ).logits
 
     blocks, lengths = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 3, 6, 7])
-    rows = _Rows(forward, _full_cache_layers(full.past_key_values, 9), blocks, lengths)
+    rows = _Rows(forward, _full_cache_layers(getattr(full, CACHE_NAME), 9), blocks, lengths)
     next_two = torch.stack([ids[b, n : n + 2] for b, n in zip(blocks.tolist(), lengths.tolist(), strict=True)])
     got = rows.feed(next_two[:, :1], 1)
     got = torch.cat([got, rows.feed(next_two[:, 1:], 1)], dim=1)
@@ -335,10 +336,10 @@ def test_cache_rows_continue_exactly_like_a_full_forward():
 
     def calm_forward(tokens, mask, position_ids, cache):
         return calm.model(
-            input_ids=tokens, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+            input_ids=tokens, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
         ).last_hidden_state
 
-    rows = _Rows(calm_forward, _full_cache_layers(full.past_key_values, 6), blocks, torch.tensor([1, 2, 4, 5]))
+    rows = _Rows(calm_forward, _full_cache_layers(full.cache, 6), blocks, torch.tensor([1, 2, 4, 5]))
     chunks = torch.stack([ids[b, 2 * n : 2 * n + 2] for b, n in zip(blocks.tolist(), [1, 2, 4, 5], strict=True)])
     expected = torch.stack([full.last_hidden_state[b, n] for b, n in zip(blocks.tolist(), [1, 2, 4, 5], strict=True)])
     torch.testing.assert_close(rows.feed(chunks, 1)[:, -1], expected, atol=1e-5, rtol=1e-5)
@@ -404,7 +405,7 @@ def calm_joint_samples(model, block, chunk_position, span, num, seed) -> torch.L
     K = model.config.patch_size
     generator = torch.Generator().manual_seed(seed)
     out = model.model(input_ids=block[:, : (chunk_position + 1) * K], use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(num)
     hidden = out.last_hidden_state[:, -1].expand(num, -1)
     chunks = []
@@ -412,7 +413,7 @@ def calm_joint_samples(model, block, chunk_position, span, num, seed) -> torch.L
         chunk = model.decode_chunk_tokens(model.generative_head(hidden, generator=generator))
         chunks.append(chunk)
         if step < span - 1:
-            hidden = model.model(input_ids=chunk, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            hidden = model.model(input_ids=chunk, cache=cache, use_cache=True).last_hidden_state[:, -1]
     return torch.cat(chunks, dim=-1)
 
 

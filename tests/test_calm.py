@@ -201,16 +201,56 @@ def test_forward_shapes_and_hidden_states():
     torch.testing.assert_close(out.hidden_states[0], model.model.embed_chunks(ids), atol=0, rtol=0)
 
 
-def test_cache_defaults():
-    model = tiny_model()
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("use_cache", [None, True, False])
+@pytest.mark.parametrize("with_labels", [False, True], ids=["no-labels", "labels"])
+def test_cache_comes_back_as_cache(training, use_cache, with_labels):
+    """The cache is the output field `cache` (transformers 5.24's name, on every supported release), present exactly
+    when asked for. `CalmForCausalLM` returns it by default in eval mode only (never by default in training, which is
+    how Trainer calls it); `CalmModel`, like transformers' `LlamaModel`, whenever `config.use_cache`. Nothing here may
+    warn about a deprecated name."""
+    model = tiny_model().train(training)
     ids = make_ids(num_chunks=5)
-    out = model(ids)  # eval: use_cache defaults to config.use_cache
-    assert isinstance(out.past_key_values, Cache)
-    assert out.past_key_values.get_seq_length() == 5
-    assert model(ids, use_cache=False).past_key_values is None
-    model.train()
-    assert model(ids, labels=ids).past_key_values is None  # training: no cache by default
-    assert isinstance(model(ids, use_cache=True).past_key_values, Cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out = model(ids, labels=ids if with_labels else None, use_cache=use_cache)
+        base = model.model(input_ids=ids, use_cache=use_cache)
+    assert (out.loss is not None) == with_labels
+    out_has_cache = not training if use_cache is None else use_cache
+    base_has_cache = True if use_cache is None else use_cache
+    for output, has_cache in ((out, out_has_cache), (base, base_has_cache)):
+        assert "past_key_values" not in type(output).__dataclass_fields__
+        if has_cache:
+            assert "cache" in output.keys()
+            assert isinstance(output.cache, Cache)
+            assert output.cache.get_seq_length() == 5
+        else:
+            assert "cache" not in output.keys() and output.cache is None
+    if out_has_cache:  # the cache of an output continues the sequence
+        more = model(make_ids(num_chunks=1, seed=1), cache=out.cache, use_cache=True)
+        assert more.cache.get_seq_length() == 6
+
+
+def test_model_output_as_tuple():
+    model = tiny_model()
+    ids = make_ids(num_chunks=2)
+    hidden, cache = model.model(input_ids=ids, use_cache=True, return_dict=False)
+    torch.testing.assert_close(hidden, model.model(input_ids=ids).last_hidden_state, atol=0, rtol=0)
+    assert cache.get_seq_length() == 2
+
+
+def test_past_key_values_is_a_deprecated_alias_of_cache():
+    model = tiny_model()
+    ids = make_ids(num_chunks=3)
+    with torch.no_grad():
+        first = model(ids[:, :K], use_cache=True)
+        with pytest.warns(FutureWarning, match="past_key_values.*Use `cache` instead"):
+            old = model(ids[:, K:], past_key_values=first.cache, use_cache=True)
+        first = model(ids[:, :K], use_cache=True)
+        new = model(ids[:, K:], cache=first.cache, use_cache=True)
+    torch.testing.assert_close(old.last_hidden_state, new.last_hidden_state, atol=0, rtol=0)
+    assert old.cache.get_seq_length() == 3
 
 
 @pytest.mark.parametrize("leading", [(5,), (2, 3), (4, 2, 3), ()])
@@ -279,11 +319,11 @@ def test_incremental_forward_matches_full_forward(attn_implementation):
     with torch.no_grad():
         full = model(ids).last_hidden_state
         cache = DynamicCache(config=model.config)
-        out = model(ids[:, : 2 * K], past_key_values=cache, use_cache=True)
+        out = model(ids[:, : 2 * K], cache=cache, use_cache=True)
         steps = [out.last_hidden_state]
         for i in range(2, 6):
-            out = model(ids[:, i * K : (i + 1) * K], past_key_values=out.past_key_values, use_cache=True)
-            assert out.past_key_values.get_seq_length() == i + 1
+            out = model(ids[:, i * K : (i + 1) * K], cache=out.cache, use_cache=True)
+            assert out.cache.get_seq_length() == i + 1
             steps.append(out.last_hidden_state)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -302,7 +342,7 @@ def test_incremental_forward_with_token_attention_mask():
             out = model(
                 ids[:, i * K : (i + 1) * K],
                 attention_mask=mask[:, : (i + 1) * K],
-                past_key_values=out.past_key_values,
+                cache=out.cache,
                 use_cache=True,
             )
             steps.append(out.last_hidden_state)
@@ -632,6 +672,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a child process
 def test_trust_remote_code_without_the_package(saved_model, tmp_path, run_without_package):
     model, directory = saved_model
     ids = make_ids(seed=4)
@@ -722,12 +763,16 @@ def test_half_precision_forward_backward(dtype):
         assert torch.isfinite(grad).all(), name
 
 
-@pytest.mark.parametrize("method", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+# transformers 5.23 added activation_checkpointing_enable; gradient_checkpointing_enable is its deprecated alias since.
+@pytest.mark.parametrize(
+    "method",
+    [m for m in ("gradient_checkpointing_enable", "activation_checkpointing_enable") if hasattr(CalmForCausalLM, m)],
+)
 def test_gradient_checkpointing_gives_same_loss_and_grads(method):
     model = tiny_model().train()
     checkpointed = copy.deepcopy(model)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable is deprecated in 5.x
+        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable is deprecated from 5.23 on
         getattr(checkpointed, method)()
     assert all(layer.gradient_checkpointing for layer in checkpointed.model.backbone.layers)
     ids = make_ids()

@@ -1,7 +1,7 @@
 """Parity of converted official CALM checkpoints with the official code's golden outputs.
 
-The official checkpoint and its fixtures live in `../shared/fixtures/official-tiny` (relative to the repository
-root); see its README for how every tensor was produced. Every source layout the official code can leave behind is
+The official checkpoint and its fixtures live in `tests/fixtures/official-tiny` (the `official_dir` fixture); see its
+README for how every tensor was produced. Every source layout the official code can leave behind is
 converted (safetensors or .bin, single file or sharded, with or without a separate autoencoder directory) and must
 reproduce the same numbers."""
 
@@ -20,36 +20,13 @@ from transformers_calm import CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
 from transformers_calm.convert_official import convert_calm, main
 from transformers_calm.modeling_calm import energy_score_terms
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "official-tiny"
 ATOL = 1e-5
 B, N, K, L = 2, 4, 4, 16  # batch, chunks, tokens per chunk, latent size of the fixtures
 
 
 @pytest.fixture(scope="module")
-def fixture_dir() -> Path:
-    needed = [
-        FIXTURES / "fixtures.safetensors",
-        FIXTURES / "calm" / "config.json",
-        FIXTURES / "autoencoder" / "config.json",
-    ]
-    missing = [str(path) for path in needed if not path.is_file()]
-    if missing:
-        pytest.fail(
-            f"Official CALM fixtures missing: {missing}. These tests need the shared folder "
-            "../shared/fixtures/official-tiny beside the repository root.",
-            pytrace=False,
-        )
-    return FIXTURES
-
-
-@pytest.fixture(scope="module")
-def fx(fixture_dir) -> dict[str, torch.Tensor]:
-    return load_file(fixture_dir / "fixtures.safetensors")
-
-
-@pytest.fixture(scope="module")
-def official_bin(fixture_dir) -> dict[str, torch.Tensor]:
-    return torch.load(fixture_dir / "calm" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+def official_bin(official_dir) -> dict[str, torch.Tensor]:
+    return torch.load(official_dir / "calm" / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
 def _copy_config(source: Path, target: Path) -> Path:
@@ -79,14 +56,14 @@ def _write_sharded(state_dict: dict, target: Path, safetensors: bool) -> None:
     (target / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
 
 
-def _source_layout(variant: str, fixture_dir: Path, official_bin: dict, root: Path) -> tuple[Path, Path | None]:
+def _source_layout(variant: str, official_dir: Path, official_bin: dict, root: Path) -> tuple[Path, Path | None]:
     """A CALM checkpoint directory in the given layout, and the --autoencoder argument to pass."""
-    calm, ae = fixture_dir / "calm", fixture_dir / "autoencoder"
+    calm, ae = official_dir / "calm", official_dir / "autoencoder"
     if variant in ("cli", "in-process"):
         return calm, ae
     if variant == "embedded-autoencoder-only":
         return calm, None
-    target = _copy_config(fixture_dir, root / "source")
+    target = _copy_config(official_dir, root / "source")
     if variant == "bin":
         # The official training format: duplicate generative_head.* / mlp_generator.* names and the lm_head alias.
         assert any(k.startswith("generative_head.") for k in official_bin)
@@ -111,7 +88,7 @@ def _source_layout(variant: str, fixture_dir: Path, official_bin: dict, root: Pa
 
 
 VARIANTS = [
-    "cli",
+    pytest.param("cli", marks=pytest.mark.slow),  # the converter as a child process
     "in-process",
     "embedded-autoencoder-only",
     "bin",
@@ -123,9 +100,9 @@ VARIANTS = [
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
-def converted_dir(request, fixture_dir, official_bin, tmp_path_factory) -> Path:
+def converted_dir(request, official_dir, official_bin, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp(request.param)
-    calm, ae = _source_layout(request.param, fixture_dir, official_bin, root)
+    calm, ae = _source_layout(request.param, official_dir, official_bin, root)
     output = root / "converted"
     args = ["--calm", str(calm), "--output", str(output)] + (["--autoencoder", str(ae)] if ae else [])
     if request.param == "cli":
@@ -172,8 +149,8 @@ def test_converted_directory_and_config(converted_dir, converted):
     assert decoder.lm_head.weight.data_ptr() == encoder.embed_tokens.weight.data_ptr()
 
 
-def test_weights_equal_official_tensors(converted, fixture_dir):
-    official = load_file(fixture_dir / "calm" / "model.safetensors")
+def test_weights_equal_official_tensors(converted, official_dir):
+    official = load_file(official_dir / "calm" / "model.safetensors")
     ours = converted.state_dict()
     prefixes = (
         ("transformer.", "model.backbone."),
@@ -193,43 +170,48 @@ def test_weights_equal_official_tensors(converted, fixture_dir):
     assert mapped == len(official)
 
 
-def test_input_compression(converted, fx):
+def test_input_compression(converted, official_tensors):
     with torch.no_grad():
-        embeds = converted.model.embed_chunks(fx["input_ids"])
-    torch.testing.assert_close(embeds, fx["calm_inputs_embeds"], atol=ATOL, rtol=0)
+        embeds = converted.model.embed_chunks(official_tensors["input_ids"])
+    torch.testing.assert_close(embeds, official_tensors["calm_inputs_embeds"], atol=ATOL, rtol=0)
 
 
-def test_backbone_hidden_states(converted, fx):
+def test_backbone_hidden_states(converted, official_tensors):
     with torch.no_grad():
-        hidden = converted.model(input_ids=fx["input_ids"]).last_hidden_state
-        lm_hidden = converted(fx["input_ids"]).last_hidden_state
-    torch.testing.assert_close(hidden, fx["calm_hidden_states"], atol=ATOL, rtol=0)
-    torch.testing.assert_close(lm_hidden, fx["calm_hidden_states"], atol=ATOL, rtol=0)
+        hidden = converted.model(input_ids=official_tensors["input_ids"]).last_hidden_state
+        lm_hidden = converted(official_tensors["input_ids"]).last_hidden_state
+    torch.testing.assert_close(hidden, official_tensors["calm_hidden_states"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(lm_hidden, official_tensors["calm_hidden_states"], atol=ATOL, rtol=0)
 
 
-def test_generative_head(converted, fx):
+def test_generative_head(converted, official_tensors):
     with torch.no_grad():
-        latent = converted.generative_head(fx["calm_hidden_states"], noise=fx["head_noise"])
-    torch.testing.assert_close(latent, fx["head_latent"], atol=ATOL, rtol=0)
+        latent = converted.generative_head(official_tensors["calm_hidden_states"], noise=official_tensors["head_noise"])
+    torch.testing.assert_close(latent, official_tensors["head_latent"], atol=ATOL, rtol=0)
 
 
-def test_decoded_head_latents(converted, fx):
+def test_decoded_head_latents(converted, official_tensors):
     with torch.no_grad():
-        logits = converted.autoencoder.decode(fx["head_latent"])  # (B, N * K, V)
-        per_chunk = converted.autoencoder.decode(fx["head_latent"].reshape(B * N, 1, L))  # the official call
-    assert torch.equal(logits.argmax(-1).reshape(B, N, K), fx["head_decoded_argmax"])
-    assert torch.equal(per_chunk.argmax(-1).reshape(B, N, K), fx["head_decoded_argmax"])
+        logits = converted.autoencoder.decode(official_tensors["head_latent"])  # (B, N * K, V)
+        # The official call: one chunk at a time.
+        per_chunk = converted.autoencoder.decode(official_tensors["head_latent"].reshape(B * N, 1, L))
+    assert torch.equal(logits.argmax(-1).reshape(B, N, K), official_tensors["head_decoded_argmax"])
+    assert torch.equal(per_chunk.argmax(-1).reshape(B, N, K), official_tensors["head_decoded_argmax"])
 
 
-def test_energy_score(converted, fx, monkeypatch):
-    eps = fx["energy_eps"]
+def test_energy_score(converted, official_tensors, monkeypatch):
+    eps = official_tensors["energy_eps"]
     monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: eps.clone())
     config = converted.config
     fidelity, diversity = energy_score_terms(
-        fx["energy_x"], fx["energy_target_mean"], fx["energy_target_log_std"], config.num_targets, config.energy_alpha
+        official_tensors["energy_x"],
+        official_tensors["energy_target_mean"],
+        official_tensors["energy_target_log_std"],
+        config.num_targets,
+        config.energy_alpha,
     )
-    torch.testing.assert_close(diversity - 2 * fidelity, fx["energy_score"], atol=ATOL, rtol=1e-6)
-    torch.testing.assert_close((2 * fidelity - diversity).mean(), fx["energy_loss"], atol=ATOL, rtol=1e-6)
+    torch.testing.assert_close(diversity - 2 * fidelity, official_tensors["energy_score"], atol=ATOL, rtol=1e-6)
+    torch.testing.assert_close((2 * fidelity - diversity).mean(), official_tensors["energy_loss"], atol=ATOL, rtol=1e-6)
 
 
 def _seeded_forward(model, input_ids, seed):
@@ -251,53 +233,56 @@ def _seeded_forward(model, input_ids, seed):
         ("brier_input_ids", 9999, "brier_fwd_loss", "brier_fwd_latent_predictions"),
     ],
 )
-def test_seeded_eval_loss(converted, fx, ids, seed, loss, latents):
-    got, samples = _seeded_forward(converted.eval(), fx[ids], seed)
+def test_seeded_eval_loss(converted, official_tensors, ids, seed, loss, latents):
+    got, samples = _seeded_forward(converted.eval(), official_tensors[ids], seed)
     assert len(samples) == 1
     # Same random stream as the official forward: head noise (N, B, L-1, noise) then (100, B, L-1, l) target draws.
-    torch.testing.assert_close(samples[0].reshape(fx[latents].shape), fx[latents], atol=ATOL, rtol=0)
-    torch.testing.assert_close(got, fx[loss], atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        samples[0].reshape(official_tensors[latents].shape), official_tensors[latents], atol=ATOL, rtol=0
+    )
+    torch.testing.assert_close(got, official_tensors[loss], atol=ATOL, rtol=0)
 
 
-def test_train_mode_loss_equals_official_eval_loss(converted, fx):
+def test_train_mode_loss_equals_official_eval_loss(converted, official_tensors):
     # The official `model.train()` also puts its frozen autoencoder in training mode, where the encoder rounds token
     # embeddings to bf16; the targets, hence `fwd_train_loss`, then differ slightly from eval. Our frozen
     # autoencoder stays in eval mode in training, so the train-mode loss equals the official EVAL loss, on purpose.
-    assert abs(fx["fwd_train_loss"] - fx["fwd_eval_loss"]) > 1e-3  # the official quirk is real in these fixtures
+    # The official quirk is real in these fixtures:
+    assert abs(official_tensors["fwd_train_loss"] - official_tensors["fwd_eval_loss"]) > 1e-3
     try:
         converted.train()
         assert not converted.autoencoder.training
-        got, _ = _seeded_forward(converted, fx["input_ids"], 1111)
+        got, _ = _seeded_forward(converted, official_tensors["input_ids"], 1111)
     finally:
         converted.eval()
-    torch.testing.assert_close(got, fx["fwd_eval_loss"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got, official_tensors["fwd_eval_loss"], atol=ATOL, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Errors
 
 
-def _link_weights(fixture_dir: Path, target: Path) -> None:
-    os.symlink(fixture_dir / "calm" / "model.safetensors", target / "model.safetensors")
+def _link_weights(official_dir: Path, target: Path) -> None:
+    os.symlink(official_dir / "calm" / "model.safetensors", target / "model.safetensors")
 
 
 @pytest.mark.parametrize("model_type", ["flow", "diffusion"])
-def test_flow_and_diffusion_checkpoints_are_rejected(fixture_dir, tmp_path, model_type):
-    source = _copy_config(fixture_dir, tmp_path / "source")
+def test_flow_and_diffusion_checkpoints_are_rejected(official_dir, tmp_path, model_type):
+    source = _copy_config(official_dir, tmp_path / "source")
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
-    _link_weights(fixture_dir, source)
+    _link_weights(official_dir, source)
     with pytest.raises(ValueError, match=rf"energy.*{model_type}|{model_type}.*energy"):
-        convert_calm(str(source), str(fixture_dir / "autoencoder"))
+        convert_calm(str(source), str(official_dir / "autoencoder"))
     with pytest.raises(ValueError, match=model_type):
         main(["--calm", str(source), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
-def test_calm_without_embedded_autoencoder_needs_autoencoder_argument(fixture_dir, tmp_path):
-    source = _copy_config(fixture_dir, tmp_path / "source")
+def test_calm_without_embedded_autoencoder_needs_autoencoder_argument(official_dir, tmp_path):
+    source = _copy_config(official_dir, tmp_path / "source")
     tensors = {
-        k: v for k, v in load_file(fixture_dir / "calm" / "model.safetensors").items() if not k.startswith("ae_model.")
+        k: v for k, v in load_file(official_dir / "calm" / "model.safetensors").items() if not k.startswith("ae_model.")
     }
     save_file(tensors, source / "model.safetensors")
     with pytest.raises(ValueError, match="--autoencoder"):
@@ -305,7 +290,7 @@ def test_calm_without_embedded_autoencoder_needs_autoencoder_argument(fixture_di
     assert not (tmp_path / "out").exists()
 
 
-def test_directory_without_weights_raises(fixture_dir, tmp_path):
-    source = _copy_config(fixture_dir, tmp_path / "source")
+def test_directory_without_weights_raises(official_dir, tmp_path):
+    source = _copy_config(official_dir, tmp_path / "source")
     with pytest.raises(FileNotFoundError, match="No weights"):
         main(["--calm", str(source), "--output", str(tmp_path / "out")])

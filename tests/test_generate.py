@@ -29,6 +29,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from transformers_calm import CalmConfig, CalmForCausalLM, modeling_calm
+from transformers_calm.compat import CACHE_NAME
 
 K = 3  # tokens per chunk; deliberately not a power of two
 VOCAB = 16
@@ -412,8 +413,9 @@ def test_return_dict_in_generate(model):
     plain = model.generate(ids, max_new_tokens=5, generator=seeded(3))
     out = model.generate(ids, max_new_tokens=5, generator=seeded(3), return_dict_in_generate=True)
     assert torch.equal(out.sequences, plain)
-    assert out.past_key_values is not None
-    assert out.past_key_values.get_seq_length() == math.ceil(4 / K) + math.ceil(5 / K) - 1
+    cache = getattr(out, CACHE_NAME)  # transformers' GenerateDecoderOnlyOutput: `cache` from 5.24 on
+    assert cache is not None
+    assert cache.get_seq_length() == math.ceil(4 / K) + math.ceil(5 / K) - 1
 
 
 class StopAfterNewTokens(StoppingCriteria):
@@ -629,10 +631,10 @@ def test_one_backbone_step_per_chunk(model, monkeypatch):
     assert len(calls) == 1 + (steps - 1)
     prefill, later = calls[0], calls[1:]
     assert prefill["input_ids"].shape == (2, 9)
-    assert prefill["past_key_values"].get_seq_length() == 9 // K + steps - 1  # every chunk but the last went in
+    assert prefill["cache"].get_seq_length() == 9 // K + steps - 1  # every chunk but the last went in
     for i, call in enumerate(later):
         assert call["input_ids"].shape == (2, K)
-        assert call["past_key_values"] is prefill["past_key_values"]  # one cache, grown a chunk per step
+        assert call["cache"] is prefill["cache"]  # one cache, grown a chunk per step
         assert call["attention_mask"].shape == (2, 9 + (i + 1) * K)
 
 

@@ -41,7 +41,7 @@ AE_AUTO_MAP = {
 }
 # Everything a CALM repository needs: with the module files that modeling_calm.py imports relatively (transitively).
 AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py", "model_card.py"}
-CALM_MODULES = AE_MODULES | {"configuration_calm.py", "modeling_calm.py", "sampling.py"}
+CALM_MODULES = AE_MODULES | {"compat.py", "configuration_calm.py", "modeling_calm.py", "sampling.py"}
 CALM_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors"} | CALM_MODULES
 AE_FILES = {"README.md", "config.json", "model.safetensors"} | AE_MODULES
 OFFICIAL_CARDS = ("CALM-Autoencoder", "CALM-M", "CALM-L", "CALM-XL")
@@ -272,6 +272,7 @@ def test_create_model_card_without_saving():
 # push_to_hub (mocked Hub): what is uploaded
 
 
+@pytest.mark.slow  # `published` loads the uploads in a child process
 def test_push_to_hub_uploads_the_repository_with_our_card(published):
     assert len(published["commits"]) == 2
     commit = published["commits"][0]
@@ -300,6 +301,7 @@ def test_push_to_hub_uploads_the_repository_with_our_card(published):
     assert CITATION in card.text
 
 
+@pytest.mark.slow  # `published` loads the uploads in a child process
 def test_push_to_hub_autoencoder(published):
     commit = published["commits"][1]
     assert commit["repo_id"] == "org/calm-tiny-autoencoder"
@@ -363,6 +365,7 @@ def test_save_pretrained_with_push_to_hub(tmp_path):
 # Loading what was uploaded
 
 
+@pytest.mark.slow  # `published` loads the uploads in a child process
 def test_uploaded_calm_loads_and_generates_without_the_package(published):
     child = published["child"]
     assert not child["package_imported"]
@@ -379,6 +382,7 @@ def test_uploaded_calm_loads_and_generates_without_the_package(published):
     assert torch.equal(sequences, expected)  # same weights, same code, same random draws
 
 
+@pytest.mark.slow  # `published` loads the uploads in a child process
 def test_uploaded_autoencoder_loads_without_the_package(published):
     child = published["child"]["autoencoder"]
     assert child["classes"][0].startswith("transformers_modules.")
@@ -391,6 +395,7 @@ def test_uploaded_autoencoder_loads_without_the_package(published):
     assert torch.equal(child["tokens"], tokens)
 
 
+@pytest.mark.slow  # `published` loads the uploads in a child process
 def test_hub_id_from_the_cache_without_the_package(published):
     child = published["child"]["hub_cache"]
     assert child["classes"][0].startswith("transformers_modules.org.")
@@ -398,6 +403,7 @@ def test_hub_id_from_the_cache_without_the_package(published):
     assert torch.equal(child["sequences"], published["child"]["folder"]["sequences"])
 
 
+@pytest.mark.slow  # `published` loads the uploads in a child process
 def test_hub_id_from_the_cache_with_the_package(published):
     model = AutoModelForCausalLM.from_pretrained("org/calm-tiny", cache_dir=published["cache"])
     assert type(model) is CalmForCausalLM

@@ -24,6 +24,13 @@ from transformers_calm.trainer_calm import block_fingerprints
 
 pytestmark = pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # untrained models score <= 0
 
+# transformers 5.23 renamed TrainingArguments.gradient_checkpointing (kept as a deprecated alias) to
+# activation_checkpointing; the suite runs on releases before and after.
+CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 K = 4
 BLOCK = 8 * K  # 8 chunks per block
 AE_KWARGS = {
@@ -186,7 +193,7 @@ def test_bf16_training_is_finite_and_autocast(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
-    """With `gradient_checkpointing=True` the backbone layers recompute their forward in the backward pass (each
+    """With activation (gradient) checkpointing the backbone layers recompute their forward in the backward pass (each
     attention runs twice per step), and the training is the same."""
     final = {}
     for checkpointing in (False, True):
@@ -195,7 +202,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
         hook = model.model.backbone.layers[0].self_attn.register_forward_hook(
             lambda *args, calls=calls: calls.append(1)
         )
-        args = make_args(tmp_path, gradient_checkpointing=checkpointing)
+        args = make_args(tmp_path, **{CHECKPOINTING_ARG: checkpointing})
         trainer = CalmTrainer(model=model, args=args, train_dataset=make_blocks(4))
         trainer.train()
         hook.remove()

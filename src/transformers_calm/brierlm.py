@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .compat import CACHE_NAME
+
 __all__ = [
     "BRIERLM_PATH",
     "DEFAULT_CONTEXT_LENGTH",
@@ -370,7 +372,7 @@ def _causal_lm_terms(model, input_ids, generators, max_n, exact, exact_collision
 
     def forward(ids, mask, position_ids, cache):
         return model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **{CACHE_NAME: cache}
         ).logits
 
     outputs = model(input_ids=input_ids, use_cache=max_n > 1)
@@ -401,7 +403,7 @@ def _causal_lm_terms(model, input_ids, generators, max_n, exact, exact_collision
             first_probs[:, scored] = probs.double()
     del logits
 
-    layers = _full_cache_layers(outputs.past_key_values, length) if max_n > 1 else None
+    layers = _full_cache_layers(getattr(outputs, CACHE_NAME), length) if max_n > 1 else None
     outputs = None
     if max_n > 1:
         # Rows (block, sample, position), sorted by position so that a pass needs the shortest cache prefix.
@@ -502,7 +504,7 @@ def _calm_terms(model, input_ids, generators, max_n, positions, rows_per_pass) -
 
     def forward(ids, mask, position_ids, cache):
         return model.model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
         ).last_hidden_state
 
     def sample_chunks(hidden, noise):
@@ -511,7 +513,7 @@ def _calm_terms(model, input_ids, generators, max_n, positions, rows_per_pass) -
     outputs = model.model(input_ids=input_ids, use_cache=steps > 0)
     hidden = outputs.last_hidden_state[:, :predicted]
     teacher = sample_chunks(hidden.unsqueeze(1).expand(batch, 2, *hidden.shape[1:]), noise)  # (B, 2, N-1, K)
-    layers = _full_cache_layers(outputs.past_key_values, num_chunks) if steps else None
+    layers = _full_cache_layers(outputs.cache, num_chunks) if steps else None
     outputs = None
 
     if positions == "chunk" and steps == 0:

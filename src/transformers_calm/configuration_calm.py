@@ -69,7 +69,7 @@ class CalmConfig(PreTrainedConfig):
 
     model_type = "calm"
     sub_configs = {"autoencoder_config": CalmAutoencoderConfig}
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]  # the field of CalmCausalLMOutputWithPast that is not a prediction
 
     def __init__(
         self,

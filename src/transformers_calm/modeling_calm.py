@@ -16,9 +16,10 @@ from transformers import GenerationConfig, GenerationMixin, LlamaModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerateDecoderOnlyOutput, StoppingCriteriaList
-from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
+from .compat import CACHE_NAME
 from .configuration_calm import CalmConfig
 from .modeling_calm_autoencoder import AtomicSavePreTrainedModel, CalmAutoencoder
 from .sampling import batch_temperature_sample, check_temperature, exact_temperature_sample, mode_sample
@@ -32,6 +33,28 @@ CALM_GENERATION_DEFAULTS = {
     "max_draws": 10_000,  # draws per row before the exact sampler falls back to the approximation
 }
 DEFAULT_MAX_NEW_TOKENS = 20
+
+
+@dataclass
+class CalmModelOutputWithPast(ModelOutput):
+    """Output of [`CalmModel.forward`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`):
+            Backbone output after the final norm, one position per chunk; position i conditions chunk i + 1.
+        cache (`Cache`, *optional*, returned when `use_cache=True`):
+            The backbone's key/value cache (one entry per chunk), to pass back as `cache` with the next chunks.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The backbone's hidden states as transformers returns them: the input vectors, then the output of each
+            layer; the last one after the final norm. One position per chunk.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The backbone's attention weights, one tensor per layer, over chunk positions.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -50,8 +73,8 @@ class CalmCausalLMOutputWithPast(ModelOutput):
             spread, so that the head models a distribution rather than a point).
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`):
             Backbone output after the final norm, one position per chunk; position i conditions chunk i + 1.
-        past_key_values (`Cache`, *optional*):
-            The backbone's key/value cache (one entry per chunk), when `use_cache=True`.
+        cache (`Cache`, *optional*, returned when `use_cache=True`):
+            The backbone's key/value cache (one entry per chunk), to pass back as `cache` with the next chunks.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             The backbone's hidden states as transformers returns them: the input vectors, then the output of each
             layer; the last one after the final norm. One position per chunk.
@@ -61,7 +84,7 @@ class CalmCausalLMOutputWithPast(ModelOutput):
     energy_fidelity: torch.FloatTensor | None = None
     energy_diversity: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -222,7 +245,7 @@ class CalmPreTrainedModel(AtomicSavePreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "CalmEnergyHeadBlock", "CalmAutoencoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -274,17 +297,19 @@ class CalmModel(CalmPreTrainedModel):
             embeddings = embeddings * token_mask.unsqueeze(-1).to(embeddings.dtype)
         return self.embed_proj(embeddings.unflatten(1, (-1, self.config.patch_size)).flatten(-2))
 
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> CalmModelOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -295,35 +320,49 @@ class CalmModel(CalmPreTrainedModel):
                 their chunk. A chunk-level mask `(batch_size, past_chunks + num_chunks)` is also accepted.
             position_ids (`torch.LongTensor` of shape `(batch_size, num_chunks)`, *optional*):
                 Chunk positions; by default they continue from the cache length.
-            past_key_values (`Cache`, *optional*):
-                Key/value cache of earlier chunks (e.g. a `DynamicCache`).
+            cache (`Cache`, *optional*):
+                Key/value cache of earlier chunks (e.g. a `DynamicCache`, or the `cache` of an earlier output).
+                `past_key_values`, its name before transformers 5.24, is accepted with a deprecation warning.
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`, *optional*):
                 Already compressed chunk vectors, instead of `input_ids`.
             use_cache (`bool`, *optional*):
                 Whether to return the key/value cache.
             output_hidden_states (`bool`, *optional*):
                 Whether to return the hidden states of all layers.
+            return_dict (`bool`, *optional*):
+                Whether to return a [`CalmModelOutputWithPast`] instead of a tuple.
+            kwargs:
+                Passed on to the backbone (e.g. `output_attentions`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             token_mask = None
             if attention_mask is not None and attention_mask.shape[1] >= input_ids.shape[1] > 0:
-                past = past_key_values.get_seq_length() if past_key_values is not None else 0
+                past = cache.get_seq_length() if cache is not None else 0
                 if attention_mask.shape[1] == (past + input_ids.shape[1] // self.config.patch_size) * self.config.patch_size:
                     token_mask = attention_mask[:, -input_ids.shape[1] :]
             inputs_embeds = self.embed_chunks(input_ids, token_mask)
         if attention_mask is not None:
-            attention_mask = chunk_attention_mask(attention_mask, inputs_embeds.shape[1], past_key_values, self.config)
-        return self.backbone(
+            attention_mask = chunk_attention_mask(attention_mask, inputs_embeds.shape[1], cache, self.config)
+        outputs = self.backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
+        output = CalmModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, CACHE_NAME),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
 
 
 def check_sequence_length(input_ids: torch.LongTensor, patch_size: int) -> None:
@@ -338,10 +377,10 @@ def check_sequence_length(input_ids: torch.LongTensor, patch_size: int) -> None:
 
 
 def chunk_attention_mask(
-    attention_mask: torch.Tensor, num_chunks: int, past_key_values: Cache | None, config: CalmConfig
+    attention_mask: torch.Tensor, num_chunks: int, cache: Cache | None, config: CalmConfig
 ) -> torch.Tensor:
     """A chunk-level mask `(batch, past + num_chunks)` from a token-level or chunk-level one."""
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past = cache.get_seq_length() if cache is not None else 0
     if attention_mask.shape[1] == past + num_chunks:
         return attention_mask
     if attention_mask.shape[1] == (past + num_chunks) * config.patch_size:
@@ -416,12 +455,13 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
         model.autoencoder.load_state_dict(autoencoder.state_dict())
         return model.to(autoencoder.dtype)
 
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -438,8 +478,9 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Usually `input_ids`. The hidden state of chunk i is trained to predict chunk i + 1 of `labels`; a
                 target chunk counts only if none of its K labels is -100 (and none of its tokens is padding).
-            past_key_values (`Cache`, *optional*):
-                Key/value cache of earlier chunks.
+            cache (`Cache`, *optional*):
+                Key/value cache of earlier chunks (the `cache` of an earlier output). `past_key_values`, its name
+                before transformers 5.24, is accepted with a deprecation warning.
             use_cache (`bool`, *optional*):
                 Whether to return the cache; defaults to `config.use_cache` in eval mode and `False` in training.
             output_hidden_states (`bool`, *optional*):
@@ -456,9 +497,10 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -479,7 +521,7 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             energy_fidelity=fidelity,
             energy_diversity=diversity,
             last_hidden_state=hidden_states,
-            past_key_values=outputs.past_key_values if use_cache else None,
+            cache=outputs.cache if use_cache else None,
             hidden_states=outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
@@ -612,7 +654,8 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
 
         Returns:
             `torch.LongTensor` `(batch_size * num_return_sequences, prompt_length + new_tokens)`, or a
-            `GenerateDecoderOnlyOutput` with `sequences` (and `past_key_values`) when `return_dict_in_generate`.
+            `GenerateDecoderOnlyOutput` with `sequences` and the backbone's cache (field `cache`, `past_key_values`
+            before transformers 5.24) when `return_dict_in_generate`.
         """
         if generation_config is None:
             config = copy.deepcopy(self.generation_config) if self.generation_config is not None else GenerationConfig()
@@ -700,7 +743,7 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
 
         cache = DynamicCache(config=self.config)
         outputs = self.model(
-            input_ids=padded_ids, attention_mask=token_mask if padded else None, past_key_values=cache, use_cache=True
+            input_ids=padded_ids, attention_mask=token_mask if padded else None, cache=cache, use_cache=True
         )
         criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
         sampler = {
@@ -737,22 +780,23 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             if padded:
                 token_mask = torch.cat([token_mask, chunk_mask], dim=-1)
             outputs = self.model(
-                input_ids=chunk, attention_mask=token_mask if padded else None, past_key_values=cache, use_cache=True
+                input_ids=chunk, attention_mask=token_mask if padded else None, cache=cache, use_cache=True
             )
 
         if streamer is not None:
             streamer.end()
         if config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
+            return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_NAME: cache})
         return sequences
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
         # Not used by `generate` (which drives the backbone itself); kept for tools that call it (e.g. peft).
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache}
 
 
 __all__ = [
     "CalmCausalLMOutputWithPast",
+    "CalmModelOutputWithPast",
     "CalmEnergyHead",
     "CalmForCausalLM",
     "CalmModel",

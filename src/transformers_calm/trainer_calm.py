@@ -182,7 +182,9 @@ class CalmTrainer(Trainer):
         """Restore the global RNG state (CPU and the training device) on exit."""
         device = self.args.device
         devices = [device] if device.type not in ("cpu", "meta") else []
-        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
+        # With no devices only the CPU state is forked; the device type must still be a real one (torch 2.11 rejects
+        # None).
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cpu"):
             yield
 
     def evaluation_loop(self, *args, **kwargs):
