@@ -10,7 +10,7 @@ copy of the input ids, pads included.
 Paper-scale run (the official recipe: Llama-3 tokenizer, K=4, l=128, AdamW (0.9, 0.95), wd 0.1, constant lr 3e-4,
 grad clip 1.0, bf16; the official global batch is 256 blocks of 2048 tokens):
 
-    python examples/train_autoencoder.py --tokenizer /work/shared/data/llama3_tokenizer \
+    python examples/train_autoencoder.py --tokenizer meta-llama/Meta-Llama-3-8B \
         --train_file pile_00.jsonl --validation_file data/wikitext_document_level-test.json \
         --block_size 2048 --per_device_train_batch_size 8 --gradient_accumulation_steps 4 \
         --max_steps 30000 --bf16 --eval_strategy steps --eval_steps 1000 --output_dir outputs/autoencoder

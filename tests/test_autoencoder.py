@@ -667,6 +667,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a child process
 def test_trust_remote_code_load_without_the_package(tiny_model, make_ids, tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "ckpt")

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,7 @@ def load_bench(script: Path):
     return bench
 
 
+@pytest.mark.slow  # the benchmark as a child process
 def test_bench_sampling_quick_runs_and_reports_a_ratio():
     stdout = run_quick(BENCH_SAMPLING)
     ratios = re.findall(r"^ratio T=([0-9.]+): ([0-9.]+)$", stdout, flags=re.MULTILINE)
@@ -83,6 +85,7 @@ def test_calm_m_preset_is_the_papers_calm_m_and_transformer_m():
     assert (overridden.num_layers, overridden.hidden_size) == (2, 1024)
 
 
+@pytest.mark.slow  # the benchmark as a child process
 def test_bench_generate_quick_runs_and_reports_ratios():
     """Both models, both batch sizes, the N-candidate row, and CALM's time split (the script itself checks that
     every row generated exactly the requested number of tokens)."""
@@ -103,6 +106,7 @@ def test_bench_generate_quick_runs_and_reports_ratios():
     assert float(flop_ratios[0][1]) > float(flop_ratios[1][1]) > 0
 
 
+@pytest.mark.slow  # the benchmark as a child process
 def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
     stdout = run_quick(BENCH_TRAIN)
     assert re.search(r"^speedup calm: [0-9.]+$", stdout, flags=re.MULTILINE), stdout

@@ -23,7 +23,13 @@ from transformers_calm.convert_official import (
     main,
 )
 
-SOURCES = ["autoencoder-cli", "calm-safetensors", "calm-bin", "sharded-safetensors", "sharded-bin"]
+SOURCES = [
+    pytest.param("autoencoder-cli", marks=pytest.mark.slow),  # the converter as a child process
+    "calm-safetensors",
+    "calm-bin",
+    "sharded-safetensors",
+    "sharded-bin",
+]
 
 
 def write_sharded(state_dict, directory, extension):

@@ -12,7 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from transformers_calm import CalmForCausalLM
 from transformers_calm.brierlm import score_model
 
-pytestmark = pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # untrained models score <= 0
+pytestmark = [
+    pytest.mark.slow,  # the whole demo pipeline
+    pytest.mark.filterwarnings("ignore:BrierLM is reported as 0"),  # untrained models score <= 0
+]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT = os.path.join(REPO_ROOT, "data", "wikitext_document_level-test.json")

@@ -189,6 +189,7 @@ def test_train_calm_errors(workdir):
         example.main(argv)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_train_calm_on_two_processes(workdir):
     """torchrun with 2 CPU processes (gloo): both ranks run, end with the same weights (those saved), and the
     distributed evaluation (3 blocks on 2 ranks: one repeated, then dropped) equals a one-process evaluation."""
