@@ -40,7 +40,6 @@ sys.path.insert(0, str(REPO_ROOT / "examples"))
 OFFICIAL_DIR = Path(__file__).resolve().parent / "fixtures" / "official-tiny"
 
 
-
 class _DeprecationRecords(logging.Handler):
     """transformers reports some deprecations through its logger rather than `warnings` (5.24: "`past_key_values`/
     `cache_params` are deprecated. Use `cache` instead."); this collects them."""
