@@ -308,6 +308,7 @@ class CalmModel(CalmPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        chunk_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CalmModelOutputWithPast | tuple:
         r"""
@@ -336,6 +337,10 @@ class CalmModel(CalmPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if chunk_attention_mask is not None:
+            if attention_mask is not None:
+                raise ValueError("Pass attention_mask (one entry per token) or chunk_attention_mask, not both.")
+            attention_mask = chunk_attention_mask
         if inputs_embeds is None:
             token_mask = None
             if attention_mask is not None and attention_mask.shape[1] >= input_ids.shape[1] > 0:
@@ -344,7 +349,7 @@ class CalmModel(CalmPreTrainedModel):
                     token_mask = attention_mask[:, -input_ids.shape[1] :]
             inputs_embeds = self.embed_chunks(input_ids, token_mask)
         if attention_mask is not None:
-            attention_mask = chunk_attention_mask(attention_mask, inputs_embeds.shape[1], cache, self.config)
+            attention_mask = to_chunk_mask(attention_mask, inputs_embeds.shape[1], cache, self.config)
         outputs = self.backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -376,7 +381,7 @@ def check_sequence_length(input_ids: torch.LongTensor, patch_size: int) -> None:
         )
 
 
-def chunk_attention_mask(
+def to_chunk_mask(
     attention_mask: torch.Tensor, num_chunks: int, cache: Cache | None, config: CalmConfig
 ) -> torch.Tensor:
     """A chunk-level mask `(batch, past + num_chunks)` from a token-level or chunk-level one."""
@@ -466,6 +471,7 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         position_ids: torch.LongTensor | None = None,
+        chunk_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CalmCausalLMOutputWithPast | tuple:
         r"""
@@ -501,6 +507,7 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            chunk_attention_mask=chunk_attention_mask,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -551,6 +558,47 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
         fidelity = (fidelity * weights).sum() / count
         diversity = (diversity * weights).sum() / count
         return 2 * fidelity - diversity, fidelity, diversity
+
+    # ------------------------------------------------------------------------------------------ public sampling API
+
+    def sample_head_noise(self, shape, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The generative head's randomness for `shape` hidden states: `(*shape, noise_size)` uniform in [-0.5, 0.5),
+        on the model's device and in its dtype. Pass it to [`sample_latents`] as `noise` to control every draw."""
+        head = self.generative_head
+        weight = head.noise_embd.weight
+        uniform = torch.rand((*shape, head.noise_size), generator=generator, device=weight.device, dtype=weight.dtype)
+        return uniform - 0.5
+
+    def sample_latents(
+        self,
+        hidden_states: torch.Tensor,
+        num_samples: int | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Samples of the next chunk's latent vector for backbone states `(..., hidden_size)`: `(..., latent_size)`, or
+        `(num_samples, ..., latent_size)`. `noise` (from [`sample_head_noise`]) fixes the draws; otherwise they come
+        from `generator` (the global RNG when `None`)."""
+        return self.generative_head(hidden_states, noise=noise, generator=generator, num_samples=num_samples)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.LongTensor:
+        """Token ids `(..., K)` of latent vectors `(..., latent_size)`: the autoencoder decoder's argmax."""
+        return self.decode_chunk_tokens(latents)
+
+    def sample_chunks(
+        self,
+        hidden_states: torch.Tensor,
+        num_samples: int | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """`decode_latents(sample_latents(...))`: sampled chunks `(..., K)` (with `num_samples`: `(num_samples, ..., K)`)."""
+        return self.decode_latents(self.sample_latents(hidden_states, num_samples, noise=noise, generator=generator))
+
+    def encode_chunks(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen autoencoder's posterior `(mean, log_std)`, each `(batch, num_chunks, latent_size)`, of token ids
+        `(batch, num_chunks * K)`."""
+        return self.autoencoder.encode(input_ids)
 
     # ----------------------------------------------------------------------------------------------- generation
 

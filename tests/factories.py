@@ -1,0 +1,90 @@
+"""The tiny models every test module builds (importable as `factories`: pytest puts tests/ on sys.path).
+
+One place decides what "tiny" means, so that a change of the config layout is one change here. Sizes are CPU
+milliseconds per step; each test passes the overrides it needs (K, vocabulary, special tokens, backbone family).
+"""
+
+import math
+
+import torch
+
+from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
+
+# The autoencoder holds K (`patch_size`), l (`latent_size`), the vocabulary and the special tokens of a CALM model.
+TINY_AUTOENCODER = {"vocab_size": 97, "patch_size": 4, "latent_size": 8, "hidden_size": 32, "intermediate_size": 48}
+# Fields of the backbone's transformers config (Llama by default).
+TINY_BACKBONE = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+# CALM's own fields: energy head and loss.
+TINY_HEAD = {"num_mlp_layers": 2, "noise_size": 8, "num_samples": 4, "num_targets": 16}
+
+
+def tiny_autoencoder_config(**overrides) -> CalmAutoencoderConfig:
+    return CalmAutoencoderConfig(**{**TINY_AUTOENCODER, **overrides})
+
+
+def tiny_autoencoder(seed: int = 0, **overrides) -> CalmAutoencoder:
+    """A seeded `CalmAutoencoder` in eval mode."""
+    torch.manual_seed(seed)
+    return CalmAutoencoder(tiny_autoencoder_config(**overrides)).eval()
+
+
+def tiny_calm_config(
+    autoencoder: dict | None = None, backbone: dict | None = None, backbone_type: str = "llama", **head
+) -> CalmConfig:
+    """A `CalmConfig`: `autoencoder` overrides `TINY_AUTOENCODER` (K, l, vocabulary, special tokens), `backbone` the
+    backbone fields of `TINY_BACKBONE` (e.g. `max_position_embeddings`), `backbone_type` the transformers model type of
+    the backbone, `head` the head and loss fields of `TINY_HEAD`."""
+    ae = {**TINY_AUTOENCODER, **(autoencoder or {})}
+    if backbone_type != "llama":
+        raise NotImplementedError("only Llama backbones for now")
+    shared = {name: ae.get(name) for name in ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")}
+    return CalmConfig(**shared, **TINY_BACKBONE, **(backbone or {}), **{**TINY_HEAD, **head}, autoencoder_config=ae)
+
+
+def randomize_head(model: CalmForCausalLM, weight_std: float = 0.5, bias_std: float = 0.5) -> CalmForCausalLM:
+    """The head's output layer starts at zero (every sample is the same latent, and no gradient reaches the backbone
+    on the first step): give it random weights, so that samples differ."""
+    with torch.no_grad():
+        last = model.generative_head.final_layer.linears[-1]
+        last.weight.normal_(0.0, weight_std)
+        last.bias.normal_(0.0, bias_std)
+    return model
+
+
+def scale_head(model: CalmForCausalLM, gain: float) -> CalmForCausalLM:
+    """Every linear layer of the head drawn with std `gain / sqrt(fan_in)`: a head whose samples depend strongly on
+    the context and on the noise (the generation tests need both)."""
+    with torch.no_grad():
+        for module in model.generative_head.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=gain / math.sqrt(module.in_features))
+    return model
+
+
+def tiny_calm(
+    seed: int = 0,
+    autoencoder: dict | None = None,
+    backbone: dict | None = None,
+    backbone_type: str = "llama",
+    random_head: bool = True,
+    **head,
+) -> CalmForCausalLM:
+    """A seeded `CalmForCausalLM` in eval mode (see [`tiny_calm_config`]); `random_head` gives the head's output layer
+    random weights ([`randomize_head`])."""
+    torch.manual_seed(seed)
+    model = CalmForCausalLM(tiny_calm_config(autoencoder, backbone, backbone_type, **head))
+    if random_head:
+        randomize_head(model)
+    return model.eval()
+
+
+def random_ids(batch: int, length: int, vocab_size: int = TINY_AUTOENCODER["vocab_size"], low: int = 1, seed: int = 0):
+    """Random token ids `(batch, length)` in `[low, vocab_size)` (by default no id 0, the tests' pad)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab_size, (batch, length), generator=generator)
