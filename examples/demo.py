@@ -7,10 +7,11 @@ Stages (each one a function, timed):
   1. data            read the documents (the bundled WikiText-103 test set, 62 documents, or --train_files) and hold
                      the last --num_heldout_documents out;
   2. tokenizer       train a small byte-level BPE tokenizer on the training documents only;
-  3. autoencoder     train a small CalmAutoencoder (K=4 tokens -> one latent vector) with examples/train_autoencoder.py;
+  3. autoencoder     train a small CalmAutoencoder (K=4 tokens -> one latent vector) with CalmAutoencoderTrainer, on
+                     the blocks examples/train_autoencoder.py makes;
   4. reconstruction  how well it reconstructs the held-out documents (token and chunk accuracy);
-  5. CALM            train a small CalmForCausalLM on top of the frozen autoencoder with examples/train_calm.py
-                     (CalmTrainer, energy loss); its evaluation gives BrierLM on the held-out documents;
+  5. CALM            train a small CalmForCausalLM on top of the frozen autoencoder with CalmTrainer (energy loss),
+                     as examples/train_calm.py does; its evaluation gives BrierLM on the held-out documents;
   6. generation      continue a held-out prompt with likelihood-free temperature sampling;
   7. report          a PNG of the training curves and a model card (README.md of the CALM checkpoint).
 
@@ -23,19 +24,29 @@ locally plausible at best: the demo shows the pipeline, the paper's quality need
 import argparse
 import json
 import os
-import sys
 import time
 from contextlib import contextmanager
 
 import torch
+from scripts import (  # examples/scripts.py: the script's directory is on sys.path
+    OfficialTrainingArguments,
+    ScriptDataArguments,
+    setup_logging,
+    train_and_evaluate,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, default_data_collator, set_seed
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_autoencoder  # noqa: E402  (examples/ is not a package)
-import train_calm  # noqa: E402
-
-from transformers_calm import create_model_card  # noqa: E402
+from transformers_calm import (
+    CalmAutoencoder,
+    CalmAutoencoderConfig,
+    CalmAutoencoderTrainer,
+    CalmForCausalLM,
+    CalmTrainer,
+    create_model_card,
+)
+from transformers_calm.data import prepare_tokenizer
+from transformers_calm.trainer_calm_autoencoder import evaluate_reconstruction
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_DATA = os.path.join(REPO_ROOT, "data", "wikitext_document_level-test.json")
@@ -166,40 +177,78 @@ def train_tokenizer(texts, vocab_size, save_dir):
     return tokenizer
 
 
-def training_argv(args, max_steps, learning_rate):
+def training_args(args, output_dir, max_steps, learning_rate):
     """TrainingArguments shared by both stages: the official optimiser (AdamW (0.9, 0.95), wd 0.1, clip 1.0, the
     scripts' defaults), but a short warmup to a much larger learning rate and a cosine decay instead of the official
     constant 3e-4 of a 30k/250k-step run: a run of a few hundred steps needs a fast start and a quiet end."""
-    # fmt: off
-    return [
-        "--block_size", str(args.block_size),
-        "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", str(args.batch_size),
-        "--max_steps", str(max_steps), "--learning_rate", str(learning_rate),
-        "--warmup_steps", str(max(max_steps // 13, 1)), "--lr_scheduler_type", "cosine",
-        "--logging_steps", str(max(max_steps // 10, 1)), "--save_strategy", "no", "--report_to", "none",
-        "--use_cpu", "--seed", str(args.seed), "--dataloader_num_workers", "0",
-    ]
-    # fmt: on
+    return OfficialTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=max(max_steps // 13, 1),
+        lr_scheduler_type="cosine",
+        logging_steps=max(max_steps // 10, 1),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+    )
+
+
+def load_stage_blocks(args, data_paths, tokenizer, training_args):
+    """`(train_dataset, eval_dataset)`: blocks of `--block_size` tokens, with the autoencoder's data recipe (packing
+    "aligned": EOS appended, every document padded to a multiple of K), for both stages, as the training scripts."""
+    data_args = ScriptDataArguments(
+        train_file=data_paths["train"], validation_file=data_paths["validation"], block_size=args.block_size
+    )
+    return data_args.load_blocks(tokenizer, args.patch_size, training_args)
+
+
+def train_and_report(trainer_class, model, training_args, tokenizer, datasets):
+    """Train `model` with `trainer_class` (the package's trainers) and evaluate it on the held-out blocks, as the
+    training scripts do (`scripts.train_and_evaluate`: the model and tokenizer are saved into `output_dir`)."""
+    train_dataset, eval_dataset = datasets
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,  # saved beside the model
+        data_collator=default_data_collator,
+    )
+    return trainer, train_and_evaluate(trainer)
 
 
 def train_autoencoder_stage(args, data_paths, tokenizer_dir):
-    """Stage 3: train the autoencoder with the Trainer script, in-process; returns (trainer, metrics)."""
-    output_dir = os.path.join(args.output_dir, "autoencoder")
-    # fmt: off
-    argv = [
-        "--tokenizer", tokenizer_dir,
-        "--train_file", data_paths["train"], "--validation_file", data_paths["validation"],
-        "--output_dir", output_dir,
-        "--patch_size", str(args.patch_size), "--latent_size", str(args.latent_size),
-        "--hidden_size", str(args.ae_hidden_size), "--intermediate_size", str(args.ae_intermediate_size),
-        "--token_dropout", str(args.token_dropout), "--latent_dropout", str(args.latent_dropout),
+    """Stage 3: train the autoencoder with `CalmAutoencoderTrainer`; returns (trainer, metrics)."""
+    # On this demo, learning rates of 3e-3 and 1e-2 both end lower than 6e-3.
+    arguments = training_args(
+        args, os.path.join(args.output_dir, "autoencoder"), args.ae_max_steps, args.ae_learning_rate
+    )
+    setup_logging(arguments)
+    set_seed(args.seed)
+    tokenizer = prepare_tokenizer(tokenizer_dir)
+    datasets = load_stage_blocks(args, data_paths, tokenizer, arguments)
+    config = CalmAutoencoderConfig(
+        vocab_size=len(tokenizer),
+        patch_size=args.patch_size,
+        latent_size=args.latent_size,
+        hidden_size=args.ae_hidden_size,
+        intermediate_size=args.ae_intermediate_size,
+        token_dropout=args.token_dropout,
+        latent_dropout=args.latent_dropout,
         # Plain float32 on CPU: the official bf16 rounding of the embeddings buys nothing here.
-        "--no_cast_embeddings_to_bf16_in_training",
-        # On this demo, learning rates of 3e-3 and 1e-2 both end lower than 6e-3.
-        *training_argv(args, args.ae_max_steps, args.ae_learning_rate),
-    ]
-    # fmt: on
-    trainer, metrics = train_autoencoder.main(argv)
+        cast_embeddings_to_bf16_in_training=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = CalmAutoencoder(config)
+    print(f"CalmAutoencoder: {model.num_parameters() / 1e6:.2f}M parameters, {len(datasets[0])} training blocks")
+    trainer, metrics = train_and_report(CalmAutoencoderTrainer, model, arguments, tokenizer, datasets)
     print(
         f"eval (Trainer, posterior mean, alignment pads included): reconstruction accuracy "
         f"{metrics['eval_reconstruction_accuracy']:.4%}, chunk accuracy {metrics['eval_chunk_accuracy']:.4%}"
@@ -209,7 +258,7 @@ def train_autoencoder_stage(args, data_paths, tokenizer_dir):
 
 def evaluate_stage(model, tokenizer, heldout_docs, args):
     """Stage 4: held-out reconstruction accuracy of every document token (eval mode, posterior mean)."""
-    result = train_autoencoder.evaluate_reconstruction(
+    result = evaluate_reconstruction(
         model, tokenizer, heldout_docs, block_size=args.block_size, batch_size=4 * args.batch_size
     )
     print(
@@ -221,21 +270,28 @@ def evaluate_stage(model, tokenizer, heldout_docs, args):
 
 
 def train_calm_stage(args, data_paths):
-    """Stage 5: train CALM on the frozen autoencoder with the CalmTrainer script; returns (trainer, metrics)."""
-    # fmt: off
-    argv = [
-        "--autoencoder", os.path.join(args.output_dir, "autoencoder"),  # holds the tokenizer too
-        "--train_file", data_paths["train"], "--validation_file", data_paths["validation"],
-        "--output_dir", os.path.join(args.output_dir, "calm"),
-        "--hidden_size", str(args.hidden_size), "--intermediate_size", str(args.intermediate_size),
-        "--num_hidden_layers", str(args.num_hidden_layers),
-        "--num_attention_heads", str(args.num_attention_heads),
-        "--num_key_value_heads", str(args.num_attention_heads),
-        "--num_mlp_layers", str(args.num_mlp_layers),
-        *training_argv(args, args.calm_max_steps, args.calm_learning_rate),
-    ]
-    # fmt: on
-    trainer, metrics = train_calm.main(argv)
+    """Stage 5: train CALM on the frozen autoencoder saved by stage 3 with `CalmTrainer`; returns (trainer, metrics)."""
+    ae_dir = os.path.join(args.output_dir, "autoencoder")  # holds the tokenizer too
+    arguments = training_args(args, os.path.join(args.output_dir, "calm"), args.calm_max_steps, args.calm_learning_rate)
+    setup_logging(arguments)
+    autoencoder = CalmAutoencoder.from_pretrained(ae_dir)
+    tokenizer = AutoTokenizer.from_pretrained(ae_dir)
+    set_seed(args.seed)
+    model = CalmForCausalLM.from_autoencoder(
+        autoencoder,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_attention_heads,
+        max_position_embeddings=args.block_size // args.patch_size,
+        num_mlp_layers=args.num_mlp_layers,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"CalmForCausalLM: {trainable / 1e6:.2f}M trainable parameters (the autoencoder is frozen)")
+    trainer, metrics = train_and_report(
+        CalmTrainer, model, arguments, tokenizer, load_stage_blocks(args, data_paths, tokenizer, arguments)
+    )
     print(
         f"held-out ({len(trainer.eval_dataset)} blocks of {args.block_size} tokens, chunk-aligned official "
         f"estimator): BrierLM {metrics['eval_brierlm']:.2f}  (Brier-1..4 "
@@ -293,9 +349,9 @@ def plot_curves(ae_history, calm_history, path):
     for key in ("loss", "reconstruction_loss"):
         axes[0].plot(*series(ae_history, key), marker=".", label=key)
     axes[0].set(title="autoencoder loss", xlabel="step", yscale="log")
-    for key in ("reconstruction_accuracy", "chunk_accuracy"):
-        axes[1].plot(*series(ae_history, key), marker=".", label=f"train {key}")
-    axes[1].set(title="autoencoder accuracy (train)", xlabel="step", ylim=(0, 1))
+    # The train logs' token accuracy is that of the training forward (DropToken, posterior sample, DropLatent).
+    axes[1].plot(*series(ae_history, "reconstruction_accuracy"), marker=".", label="train reconstruction_accuracy")
+    axes[1].set(title="autoencoder token accuracy (train)", xlabel="step", ylim=(0, 1))
     for key in ("loss", "energy_fidelity", "energy_diversity"):
         axes[2].plot(*series(calm_history, key), marker=".", label=key)
     axes[2].set(title="CALM energy loss = 2 fidelity - diversity", xlabel="step")

@@ -20,8 +20,9 @@ The protocol (official CALM evaluation; the numbers depend on every item, so rep
   (Monte Carlo collision term for n > 1 with a real vocabulary) is printed beside it as a cross-check.
 
 The result is printed as JSON (and written to `--output`). With `--check_evaluate`, the same numbers are recomputed
-from the drawn samples through `evaluate.load("brierlm")` (this repository's `brierlm/brierlm.py`, found relative to
-the working directory: run from the repository root) to show that the metric module gives the same values.
+from the drawn samples through `evaluate.load("brierlm")` (this repository's `brierlm/brierlm.py`, a thin module over
+the package's metric folder `transformers_calm/brierlm/`, found relative to the working directory: run from the
+repository root; elsewhere the script loads that folder, `BRIERLM_PATH`) to show that the metric gives the same values.
 """
 
 import argparse
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
 
         if os.path.isfile(os.path.join("brierlm", "brierlm.py")):
             metric = evaluate.load("brierlm")  # ./brierlm/brierlm.py, relative to the working directory
-        else:  # not at the repository root: the module shipped inside the package
+        else:  # not at the repository root: the metric folder shipped inside the package
             print("No ./brierlm/brierlm.py here: using evaluate.load(transformers_calm.BRIERLM_PATH)", file=sys.stderr)
             metric = evaluate.load(BRIERLM_PATH)
         samples = {name: result.pop(name).tolist() for name in ("samples_1", "samples_2", "references")}

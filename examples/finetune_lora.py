@@ -32,11 +32,16 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model
+from scripts import (  # examples/scripts.py: the script's directory is on sys.path
+    ScriptDataArguments,
+    parse_script_args,
+    setup_logging,
+    train_and_evaluate,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 from transformers_calm import CalmForCausalLM, CalmTrainer
 from transformers_calm.data import PACKINGS
-from transformers_calm.scripts import ScriptDataArguments, parse_script_args, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 

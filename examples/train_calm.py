@@ -41,17 +41,17 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, default_data_collator, set_seed
-
-from transformers_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
-from transformers_calm.data import PACKINGS
-from transformers_calm.scripts import (
+from scripts import (  # examples/scripts.py: the script's directory is on sys.path
     OfficialTrainingArguments,
     ScriptDataArguments,
     parse_script_args,
     setup_logging,
     train_and_evaluate,
 )
+from transformers import AutoTokenizer, HfArgumentParser, default_data_collator, set_seed
+
+from transformers_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
+from transformers_calm.data import PACKINGS
 
 logger = logging.getLogger(__name__)
 

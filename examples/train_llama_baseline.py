@@ -20,6 +20,13 @@ Also callable in-process: `trainer, metrics = main([...])`.
 import logging
 from dataclasses import dataclass, field
 
+from scripts import (  # examples/scripts.py: the script's directory is on sys.path
+    OfficialTrainingArguments,
+    ScriptDataArguments,
+    parse_script_args,
+    setup_logging,
+    train_and_evaluate,
+)
 from transformers import (
     AutoTokenizer,
     HfArgumentParser,
@@ -31,13 +38,6 @@ from transformers import (
 )
 
 from transformers_calm.data import PACKINGS
-from transformers_calm.scripts import (
-    OfficialTrainingArguments,
-    ScriptDataArguments,
-    parse_script_args,
-    setup_logging,
-    train_and_evaluate,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,11 @@
-"""Constants shared by the test modules (importable as `common`: pytest puts tests/ on sys.path)."""
+"""Constants shared by the test modules (importable as `common`: pytest puts tests/ on sys.path). The tiny models
+themselves come from `factories`."""
 
-# Backbone, energy head and loss of the tiny CalmForCausalLM the tests build (CPU milliseconds per step); each module
-# adds its own autoencoder shape and special tokens.
-TINY_LM = {
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_mlp_layers": 2,
-    "noise_size": 8,
-    "num_samples": 4,
-    "num_targets": 16,
-}
+from factories import TINY_BACKBONE, TINY_HEAD
+
+# Backbone, energy head and loss of the tiny CalmForCausalLM, for the modules that still build their models from
+# config fields (the same values as `factories.tiny_calm`, which the others use).
+TINY_LM = {**TINY_BACKBONE, **TINY_HEAD}
 
 # What CalmTrainer.evaluate() reports.
 EVAL_KEYS = {
@@ -25,4 +18,14 @@ EVAL_KEYS = {
     "eval_brier4",
     "eval_brierlm",
     "eval_reconstruction_accuracy",
+}
+
+# What CalmAutoencoderTrainer.evaluate() reports.
+AUTOENCODER_EVAL_KEYS = {
+    "eval_loss",
+    "eval_reconstruction_loss",
+    "eval_kl_loss",
+    "eval_perplexity",
+    "eval_reconstruction_accuracy",
+    "eval_chunk_accuracy",
 }

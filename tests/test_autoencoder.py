@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmAutoencoderOutput
@@ -529,97 +529,7 @@ def test_tied_weights_stay_tied_after_training_step_and_reload(tiny_model, make_
     assert torch.equal(loaded.decoder.lm_head.weight, model.decoder.lm_head.weight)
 
 
-def test_save_into_existing_directory(tiny_model, make_ids, tmp_path):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "trainer_state.json").write_text("{}")
-    tiny_model(seed=0).save_pretrained(target)
-    second = tiny_model(seed=1)
-    second.save_pretrained(str(target) + os.sep)  # again, into the now populated directory
-    assert (target / "trainer_state.json").read_text() == "{}"
-    assert_same_outputs(second, AutoModel.from_pretrained(target), make_ids(2, 16))
-    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left behind
-
-
-def test_save_into_a_file_path_raises(tiny_model, tmp_path):
-    (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="is a file"):
-        tiny_model().save_pretrained(tmp_path / "file")
-
-
-def test_failed_save_leaves_no_temporary_directory(tiny_model, tmp_path):
-    with mock.patch.object(PreTrainedModel, "save_pretrained", side_effect=RuntimeError("disk full")):
-        with pytest.raises(RuntimeError, match="disk full"):
-            tiny_model().save_pretrained(tmp_path / "ckpt")
-    assert os.listdir(tmp_path) == []
-
-
-@pytest.mark.parametrize("first_shard, second_shard", [(None, "8KB"), ("8KB", "20KB"), ("8KB", None)])
-def test_resave_over_a_checkpoint_with_different_sharding(tiny_model, make_ids, tmp_path, first_shard, second_shard):
-    """Re-saving into a directory must give the same files as a fresh save: no stale weight files or shards that
-    a loader could pick up instead of the new ones (a stale model.safetensors wins over a new sharded index)."""
-
-    def save(model, directory, shard):
-        model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
-
-    old, new = tiny_model(seed=0), tiny_model(seed=1)
-    save(old, tmp_path / "reused", first_shard)
-    save(new, tmp_path / "reused", second_shard)
-    save(new, tmp_path / "fresh", second_shard)
-    assert sorted(os.listdir(tmp_path / "reused")) == sorted(os.listdir(tmp_path / "fresh"))
-    assert_same_outputs(new, AutoModel.from_pretrained(tmp_path / "reused"), make_ids(2, 16))
-
-
-def test_save_pretrained_push_to_hub_uses_the_directory_name_as_repo_id(tiny_model, tmp_path):
-    """`save_pretrained(dir, push_to_hub=True)` defaults repo_id to the directory name; the atomic save must not turn
-    it into the name of its temporary directory."""
-    from huggingface_hub import HfApi
-
-    class Stop(Exception):
-        pass
-
-    with mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=Stop) as create_repo:
-        with pytest.raises(Stop):
-            tiny_model().save_pretrained(tmp_path / "my-autoencoder", push_to_hub=True)
-    assert create_repo.call_args.args[1] == "my-autoencoder"
-
-
-def test_push_to_hub_uploads_a_loadable_checkpoint(tiny_model, tmp_path):
-    from huggingface_hub import CommitInfo, HfApi, ModelCard
-    from huggingface_hub.errors import EntryNotFoundError
-    from huggingface_hub.hf_api import RepoUrl
-
-    uploaded = {}
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        for op in operations:
-            with open(op.path_or_fileobj, "rb") as f:
-                uploaded[op.path_in_repo] = f.read()
-        return CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/{'a' * 40}",
-            commit_message="upload",
-            commit_description="",
-            oid="a" * 40,
-        )
-
-    with (
-        mock.patch.object(
-            HfApi,
-            "create_repo",
-            autospec=True,
-            side_effect=lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"),
-        ),
-        mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=create_commit),
-        mock.patch.object(ModelCard, "load", side_effect=EntryNotFoundError("no README")),
-    ):
-        tiny_model().push_to_hub("org/calm-autoencoder")
-    assert {
-        "config.json",
-        "model.safetensors",
-        "configuration_calm_autoencoder.py",
-        "modeling_calm_autoencoder.py",
-    } <= set(uploaded)
-    assert json.loads(uploaded["config.json"])["model_type"] == "calm_autoencoder"
+# Atomic saving, stale shards and push_to_hub: tests/test_hub.py.
 
 
 def test_trust_remote_code_with_package_installed_uses_the_package_class(tiny_model, tmp_path):

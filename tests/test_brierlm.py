@@ -1,37 +1,43 @@
-"""Tests of BrierLM: the estimator, its unbiasedness, the `evaluate` module, `score_model` for CALM and for a Llama,
-parity with the official code's golden Brier values, and the example script.
+"""Tests of BrierLM: the estimator, its unbiasedness, the `evaluate` metric folder (a publishable Hub Space),
+`score_model` for CALM and for a Llama, parity with the official code's golden Brier values, and the example script.
 
-Tiny models built here, CPU, offline (conftest sets HF_HUB_OFFLINE and a temporary HF_MODULES_CACHE). Every helper is
-defined in this file. Statistical checks compare a sampled mean with an exact (or large-sample) value within five
-standard errors estimated from the samples themselves; seeds are fixed, so the tests are deterministic.
+Tiny models, CPU, offline (conftest sets HF_HUB_OFFLINE and a temporary HF_MODULES_CACHE): CALM from `factories`, the
+token-level LMs and the reference computations here. Statistical checks compare a sampled mean with an exact (or
+large-sample) value within five standard errors estimated from the samples themselves; seeds are fixed, so the tests
+are deterministic.
 """
 
+import ast
 import collections
+import fnmatch
 import json
 import math
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from common import TINY_LM
+from factories import randomize_head, tiny_calm
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from transformers_calm import CalmConfig, CalmForCausalLM
+from transformers_calm import CalmForCausalLM
 from transformers_calm.brierlm import (
     BRIERLM_PATH,
-    _full_cache_layers,
-    _Rows,
+    SPACE_FILES,
     brier_scores,
     brier_terms,
     brierlm_from_briers,
+    is_calm_model,
     load_brierlm,
     model_brier_terms,
     score_model,
 )
+from transformers_calm.brierlm.cache_rows import CacheRows, full_cache_layers
 from transformers_calm.compat import CACHE_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,30 +63,19 @@ def tiny_llama(seed=0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
 
 
-def tiny_calm(K, seed=0, vocab_size=7) -> CalmForCausalLM:
+def tiny_brier_calm(K, seed=0, vocab_size=7) -> CalmForCausalLM:
+    """A tiny CALM over a toy vocabulary, with chunks of K tokens and a small autoencoder (l = 4), whose head samples
+    spread widely (output layer weights of std 1), so that Brier-n are neither 0 nor 1."""
     autoencoder = {
         "vocab_size": vocab_size,
         "patch_size": K,
         "latent_size": 4,
         "hidden_size": 16,
         "intermediate_size": 24,
+        "pad_token_id": 0,
     }
-    config = CalmConfig(
-        vocab_size=vocab_size,
-        patch_size=K,
-        latent_size=4,
-        **TINY_LM,
-        pad_token_id=0,
-        max_position_embeddings=32,
-        autoencoder_config=autoencoder,
-    )
-    torch.manual_seed(seed)
-    model = CalmForCausalLM(config)
-    with torch.no_grad():  # the head's output layer starts at zero (all samples equal): give it weights
-        last = model.generative_head.final_layer.linears[-1]
-        last.weight.normal_(0.0, 1.0)
-        last.bias.normal_(0.0, 0.5)
-    return model.eval()
+    model = tiny_calm(seed, autoencoder=autoencoder, backbone={"max_position_embeddings": 32}, random_head=False)
+    return randomize_head(model, weight_std=1.0, bias_std=0.5)
 
 
 @torch.no_grad()
@@ -207,10 +202,181 @@ def test_estimator_is_unbiased_on_a_toy_distribution():
 # ------------------------------------------------------------------------------------------- the evaluate module
 
 
+# The headings of evaluate's module card template, in order (`evaluate-cli create`, templates/README.md).
+CARD_SECTIONS = [
+    "# Metric Card for BrierLM",
+    "## Metric Description",
+    "## How to Use",
+    "### Inputs",
+    "### Output Values",
+    "### Examples",
+    "## Limitations and Bias",
+    "## Citation",
+    "## Further References",
+]
+SPACE_COLORS = {"red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray"}  # the Hub's Space colours
+README_EXAMPLE = {
+    "samples_1": [[5, 6, 7, 8], [1, 2, 3, 4], [3, 3, 3, 3]],
+    "samples_2": [[5, 6, 7, 9], [1, 2, 9, 9], [3, 3, 3, 3]],
+    "references": [[5, 6, 7, 8], [1, 2, 3, 4], [3, 3, 4, 4]],
+}
+
+
 def test_metric_files_are_in_place():
     assert (Path(BRIERLM_PATH) / "brierlm.py").is_file()
     assert (Path(BRIERLM_PATH) / "README.md").is_file()
     assert (REPO_ROOT / "brierlm" / "brierlm.py").is_file()
+    assert all((Path(BRIERLM_PATH) / name).is_file() for name in SPACE_FILES)
+
+
+def test_metric_folder_is_laid_out_as_an_evaluate_community_metric():
+    """The card's metadata is what a Hub Space and `evaluate` read; the card has the template's sections; the Space
+    installs what the module imports; the wheel ships the folder's non-Python files."""
+    from huggingface_hub import metadata_load
+    from packaging.requirements import Requirement
+
+    folder = Path(BRIERLM_PATH)
+    meta = metadata_load(folder / "README.md")
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["pinned"] is False
+    assert {"evaluate", "metric"} <= set(meta["tags"])
+    assert meta["title"] == "BrierLM" and meta["emoji"] and len(meta["description"]) > 50
+    assert {meta["colorFrom"], meta["colorTo"]} <= SPACE_COLORS
+    assert isinstance(meta["sdk_version"], str) and len(meta["sdk_version"].split(".")) == 3
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    offsets = [card.find(f"\n{heading}\n") for heading in CARD_SECTIONS]
+    assert -1 not in offsets and offsets == sorted(offsets), dict(zip(CARD_SECTIONS, offsets, strict=True))
+
+    requirements = (folder / "requirements.txt").read_text().splitlines()
+    assert {Requirement(line).name for line in requirements if line.strip()} >= {"evaluate", "datasets", "torch"}
+
+    # The README's publishing recipe (`upload_folder(..., allow_patterns=list(SPACE_FILES))`) selects exactly them.
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    assert set(filter_repo_objects(files, allow_patterns=list(SPACE_FILES))) == set(SPACE_FILES)
+
+    tomllib = pytest.importorskip("tomllib")
+    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for name in SPACE_FILES:
+        if not name.endswith(".py"):  # modules ship with the package anyway
+            assert any(fnmatch.fnmatch(f"brierlm/{name}", p) for p in package_data["transformers_calm"]), name
+
+
+def _imported_roots(path: Path) -> tuple[set[str], set[str]]:
+    """(absolute top-level modules, relative modules) that a file imports, anywhere in it."""
+    absolute, relative = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            absolute |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            (relative if node.level else absolute).add(node.module.partition(".")[0])
+    return absolute, relative
+
+
+def test_metric_module_imports_only_evaluate_datasets_torch_and_its_folder():
+    """What `evaluate` fetches from a Space: the module, and the files it imports relatively (one level: evaluate does
+    not follow the imports of those), so the estimator may import only the standard library and torch."""
+    from evaluate.loading import get_imports
+
+    folder = Path(BRIERLM_PATH)
+    imports = get_imports(str(folder / "brierlm.py"))  # evaluate's own parser
+    assert {name for kind, name, *_ in imports if kind == "library"} <= {"datasets", "evaluate"}
+    assert {name for kind, name, *_ in imports if kind == "internal"} == {"estimator"}
+    assert {kind for kind, *_ in imports} <= {"library", "internal"}
+    absolute, relative = _imported_roots(folder / "brierlm.py")
+    assert absolute <= {"datasets", "evaluate"} and relative == {"estimator"}
+    assert all(f"{name}.py" in SPACE_FILES for name in relative)
+    absolute, relative = _imported_roots(folder / "estimator.py")
+    assert not relative and absolute - set(sys.stdlib_module_names) == {"torch"}
+
+
+def test_space_app_launches_the_widget_of_the_module(monkeypatch, tmp_path):
+    """app.py, as a Space runs it: it loads the metric of its folder and hands it to evaluate's Gradio widget."""
+    import runpy
+
+    import evaluate
+    import evaluate.utils
+
+    launched = []
+    monkeypatch.setattr(evaluate.utils, "launch_gradio_widget", launched.append)
+    monkeypatch.setattr(evaluate.config, "HF_METRICS_CACHE", str(tmp_path))
+    runpy.run_path(str(Path(BRIERLM_PATH) / "app.py"), run_name="__main__")
+    [module] = launched
+    assert isinstance(module, evaluate.Metric) and type(module).__name__ == "BrierLM"
+    assert list(module.features) == ["samples_1", "samples_2", "references"]
+    assert module.compute(**README_EXAMPLE) == pytest.approx(brier_scores(**README_EXAMPLE), abs=1e-12)
+
+
+SPACE_CHILD = """
+import json, os, runpy, sys, types
+
+import pandas as pd
+
+space_root, space_id, full_copy, expected = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+example = json.loads(sys.argv[5])
+space_dir = os.path.join(space_root, space_id)
+
+# A stand-in for gradio (the Space SDK installs the real one): records what evaluate's widget builds.
+widget = {}
+class Component:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+class Interface:
+    def __init__(self, fn, inputs, outputs, **kwargs):
+        widget.update(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
+    def launch(self):
+        widget["launched"] = True
+gradio = types.ModuleType("gradio")
+gradio.Interface = Interface
+gradio.inputs = types.SimpleNamespace(Dataframe=Component)
+gradio.outputs = types.SimpleNamespace(Textbox=Component)
+sys.modules["gradio"] = gradio
+
+import evaluate
+
+def check(scores, label):
+    assert scores.keys() == expected.keys(), (label, scores)
+    assert all(abs(scores[key] - expected[key]) < 1e-12 for key in expected), (label, scores)
+
+# 1. evaluate.load("<namespace>/brierlm") from the Hub: evaluate fetches <name>.py from the Space, then the files it
+# imports relatively, by name. Here the Space's "resolve" URL points at a local copy of the SPACE_FILES.
+evaluate.config.HUB_EVALUATE_URL = space_root + "/{path}/{name}"
+metric = evaluate.load(space_id)
+assert type(metric).__module__.startswith("evaluate_modules."), type(metric).__module__
+check(metric.compute(**example), "hub")
+
+# 2. evaluate.load(folder) on a copy of the whole package folder.
+check(evaluate.load(full_copy).compute(**example), "copied folder")
+
+# 3. The Space's app.py (python app.py puts its folder first on sys.path; the widget reads README.md from there).
+sys.path.insert(0, space_dir)
+runpy.run_path(os.path.join(space_dir, "app.py"), run_name="__main__")
+assert widget["launched"] and "# Metric Card for BrierLM" in widget["article"], widget.get("article")
+assert tuple(widget["inputs"].kwargs["headers"]) == ("samples_1", "samples_2", "references")
+table = pd.DataFrame({name: [json.dumps(row) for row in rows] for name, rows in example.items()})
+check(widget["fn"](table), "widget")
+assert not any(name.partition(".")[0] == "transformers_calm" for name in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_metric_loads_from_the_space_files_without_the_package(tmp_path, run_without_package):
+    """The SPACE_FILES, copied out of the package as a Hub Space holds them, load with `evaluate.load("<ns>/brierlm")`
+    (through evaluate's Hub loader), as a folder, and through the Space's app.py, where transformers_calm cannot be
+    imported."""
+    space_dir = tmp_path / "spaces" / "calm-test" / "brierlm"
+    space_dir.mkdir(parents=True)
+    for name in SPACE_FILES:
+        shutil.copy(Path(BRIERLM_PATH) / name, space_dir / name)
+    full_copy = tmp_path / "copy" / "brierlm"
+    shutil.copytree(BRIERLM_PATH, full_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    workdir = tmp_path / "elsewhere"  # no ./calm-test/brierlm/brierlm.py relative to the working directory
+    workdir.mkdir()
+    expected = brier_scores(**README_EXAMPLE)
+    args = [tmp_path / "spaces", "calm-test/brierlm", full_copy, json.dumps(expected), json.dumps(README_EXAMPLE)]
+    run_without_package(
+        SPACE_CHILD, args, cwd=workdir, HF_EVALUATE_OFFLINE="1", HF_METRICS_CACHE=str(tmp_path / "metrics")
+    )
 
 
 def _random_samples(num=50, length=5, vocab_size=3, seed=0):
@@ -291,11 +457,12 @@ def test_official_brier_values(official_calm, official_tensors, monkeypatch, tmp
     # score_model's chunk-aligned path (K >= 4) on the same input, with the head returning the official samples.
     batch, num_chunks = input_ids.shape[0], input_ids.shape[1] // K
 
-    def official_head(hidden, noise=None, generator=None):
+    def official_latents(hidden, num_samples=None, noise=None, generator=None):
         assert hidden.shape[:3] == (batch, 2, num_chunks - 1)
         return latent[:2].reshape(2, batch, num_chunks - 1, -1).transpose(0, 1)
 
-    monkeypatch.setattr(official_calm.generative_head, "forward", official_head)
+    # The public sampling API: sample_chunks = decode_latents(sample_latents(...)).
+    monkeypatch.setattr(official_calm, "sample_latents", official_latents)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = score_model(official_calm, input_ids=input_ids, batch_size=batch, progress=False)
@@ -323,23 +490,23 @@ def test_cache_rows_continue_exactly_like_a_full_forward():
         ).logits
 
     blocks, lengths = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 3, 6, 7])
-    rows = _Rows(forward, _full_cache_layers(getattr(full, CACHE_NAME), 9), blocks, lengths)
+    rows = CacheRows(forward, full_cache_layers(getattr(full, CACHE_NAME), 9), blocks, lengths)
     next_two = torch.stack([ids[b, n : n + 2] for b, n in zip(blocks.tolist(), lengths.tolist(), strict=True)])
     got = rows.feed(next_two[:, :1], 1)
     got = torch.cat([got, rows.feed(next_two[:, 1:], 1)], dim=1)
     expected = torch.stack([full.logits[b, n : n + 2] for b, n in zip(blocks.tolist(), lengths.tolist(), strict=True)])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
-    calm = tiny_calm(K=2)
+    calm = tiny_brier_calm(K=2)
     ids = torch.randint(1, 7, (2, 12), generator=torch.Generator().manual_seed(1))
-    full = calm.model(input_ids=ids, use_cache=True)
+    full = calm(input_ids=ids, use_cache=True)
 
     def calm_forward(tokens, mask, position_ids, cache):
-        return calm.model(
-            input_ids=tokens, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+        return calm(
+            input_ids=tokens, chunk_attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
         ).last_hidden_state
 
-    rows = _Rows(calm_forward, _full_cache_layers(full.cache, 6), blocks, torch.tensor([1, 2, 4, 5]))
+    rows = CacheRows(calm_forward, full_cache_layers(full.cache, 6), blocks, torch.tensor([1, 2, 4, 5]))
     chunks = torch.stack([ids[b, 2 * n : 2 * n + 2] for b, n in zip(blocks.tolist(), [1, 2, 4, 5], strict=True)])
     expected = torch.stack([full.last_hidden_state[b, n] for b, n in zip(blocks.tolist(), [1, 2, 4, 5], strict=True)])
     torch.testing.assert_close(rows.feed(chunks, 1)[:, -1], expected, atol=1e-5, rtol=1e-5)
@@ -404,16 +571,16 @@ def calm_joint_samples(model, block, chunk_position, span, num, seed) -> torch.L
     prefix cache repeated `num` times), independent of the package's batched machinery."""
     K = model.config.patch_size
     generator = torch.Generator().manual_seed(seed)
-    out = model.model(input_ids=block[:, : (chunk_position + 1) * K], use_cache=True)
+    out = model(input_ids=block[:, : (chunk_position + 1) * K], use_cache=True)
     cache = out.cache
     cache.batch_repeat_interleave(num)
     hidden = out.last_hidden_state[:, -1].expand(num, -1)
     chunks = []
     for step in range(span):
-        chunk = model.decode_chunk_tokens(model.generative_head(hidden, generator=generator))
+        chunk = model.sample_chunks(hidden, generator=generator)
         chunks.append(chunk)
         if step < span - 1:
-            hidden = model.model(input_ids=chunk, cache=cache, use_cache=True).last_hidden_state[:, -1]
+            hidden = model(input_ids=chunk, cache=cache, use_cache=True).last_hidden_state[:, -1]
     return torch.cat(chunks, dim=-1)
 
 
@@ -436,7 +603,7 @@ def test_calm_sampled_brier_is_unbiased(K, positions, length):
     """CALM's estimate (official chunk-aligned one-pass for K >= 4, official roll-out for K < 4, every-token
     roll-outs) against the Brier score of the joint distribution of the next tokens given the preceding whole chunks,
     computed from 4,000 independent joint samples per position."""
-    model = tiny_calm(K, seed=1)
+    model = tiny_brier_calm(K, seed=1)
     block = calm_likely_block(model, length, seed=2)
     repeats = 500
     result = model_brier_terms(
@@ -467,7 +634,7 @@ def test_calm_sampled_brier_is_unbiased(K, positions, length):
 
 def test_calm_every_token_includes_the_chunk_aligned_estimate():
     """positions='token' at offset 0 uses the same draws as the official chunk-aligned evaluation (K >= 4)."""
-    model = tiny_calm(4, seed=1)
+    model = tiny_brier_calm(4, seed=1)
     blocks = torch.randint(1, 7, (3, 16), generator=torch.Generator().manual_seed(5))
     chunk = model_brier_terms(model, blocks, seed=3, positions="chunk")
     token = model_brier_terms(model, blocks, seed=3, positions="token")
@@ -475,6 +642,76 @@ def test_calm_every_token_includes_the_chunk_aligned_estimate():
     offsets_zero = torch.arange(0, token.terms.shape[1], 4)
     torch.testing.assert_close(token.terms[:, offsets_zero], chunk.terms[:, : len(offsets_zero)])
     torch.testing.assert_close(token.samples_1[:, offsets_zero], chunk.samples_1[:, : len(offsets_zero)])
+
+
+# ------------------------------------------------------------------------------- CALM through its public API
+
+
+def test_calm_is_recognised_by_its_config_model_type():
+    calm, llama = tiny_brier_calm(2), tiny_llama(seed=2)
+    assert is_calm_model(calm) and not is_calm_model(llama)
+    blocks = torch.randint(0, 5, (2, 10), generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = score_model(llama, input_ids=blocks, seed=1, progress=False)
+        # A model with a Llama config is a token-level LM, whatever attributes it has (CALM-like ones included).
+        llama.generative_head = torch.nn.Identity()
+        llama.decode_chunk_tokens = lambda latents: latents
+        assert not is_calm_model(llama)
+        lookalike = score_model(llama, input_ids=blocks, seed=1, progress=False)
+        # CALM's default block: the reference 8192 tokens, capped at max_position_embeddings chunks of K tokens.
+        stream = torch.randint(1, 7, (200,), generator=torch.Generator().manual_seed(5))
+        capped = score_model(calm, input_ids=stream, progress=False)
+    assert lookalike == plain and lookalike["positions"] == "token" and lookalike["exact_collision"] == "enumeration"
+    assert capped["context_length"] == 32 * 2 and capped["num_blocks"] == 200 // 64 and capped["positions"] == "chunk"
+
+
+class PublicCalm:
+    """A CALM model seen through `CalmForCausalLM`'s public sampling API only (its forward, `sample_head_noise`,
+    `sample_chunks`, its config) and the `nn.Module` methods every model has: any other attribute (`model`,
+    `generative_head`, `autoencoder`, `decode_chunk_tokens`, ...) raises AttributeError."""
+
+    PUBLIC = frozenset({"config", "sample_head_noise", "sample_chunks", "parameters", "training", "train", "eval"})
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):  # only called for names that are not set on the wrapper itself
+        if name in self.PUBLIC:
+            return getattr(self._model, name)
+        raise AttributeError(f"{name!r} is not part of CalmForCausalLM's public sampling API")
+
+
+@pytest.mark.parametrize("K, positions", [(4, "chunk"), (2, "chunk"), (2, "token")])
+def test_calm_is_scored_through_its_public_sampling_api_only(K, positions):
+    """Every CALM path (one pass, official roll-out, every-token roll-outs) gives the same result through a view that
+    hides the model's internals."""
+    model = tiny_brier_calm(K, seed=3)
+    public = PublicCalm(model)
+    assert not any(hasattr(public, name) for name in ("model", "generative_head", "autoencoder", "decode_chunk_tokens"))
+    blocks = torch.randint(1, 7, (2, 16), generator=torch.Generator().manual_seed(K))
+    kwargs = {"input_ids": blocks, "seed": 2, "positions": positions, "progress": False, "rollout_batch_size": 5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert score_model(public, **kwargs) == score_model(model, **kwargs)
+
+
+def test_calm_module_reads_no_private_model_attribute():
+    """Statically, for the paths a test does not reach: `brierlm/calm.py` reads only the public sampling API of the
+    model, and its config only in the two helpers the config's layout is confined to."""
+    tree = ast.parse((Path(BRIERLM_PATH) / "calm.py").read_text(encoding="utf-8"))
+    used, config_readers = set(), set()
+    for function in [node for node in tree.body if isinstance(node, ast.FunctionDef)]:
+        for node in ast.walk(function):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "model":
+                used.add(node.attr)
+                if node.attr == "config":
+                    config_readers.add(function.name)
+    assert used == {"config", "sample_head_noise", "sample_chunks"}
+    assert config_readers == {"chunk_size", "calm_max_tokens"}
 
 
 # ------------------------------------------------------------------------------------ determinism and plumbing
@@ -489,7 +726,7 @@ def test_deterministic_for_a_seed_and_independent_of_batching(kind):
             None,
         )
     else:
-        model = tiny_calm(2, seed=2)
+        model = tiny_brier_calm(2, seed=2)
         blocks = torch.randint(1, 7, (3, 12), generator=torch.Generator().manual_seed(0))
         positions = kind.rsplit("-", 1)[1]
     kwargs = {"input_ids": blocks, "seed": 5, "positions": positions, "progress": False}
@@ -510,7 +747,7 @@ def test_returned_samples_give_the_same_scores_through_evaluate(kind, tmp_path):
     if kind == "llama":
         model, positions, vocab = tiny_llama(seed=4), None, 5
     else:
-        model, positions, vocab = tiny_calm(4, seed=4), kind.split("-")[1], 7
+        model, positions, vocab = tiny_brier_calm(4, seed=4), kind.split("-")[1], 7
     blocks = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -526,14 +763,14 @@ def test_returned_samples_give_the_same_scores_through_evaluate(kind, tmp_path):
 
 
 def test_calm_k_below_four_chunk_positions_have_no_single_sample_pair():
-    model = tiny_calm(2)
+    model = tiny_brier_calm(2)
     blocks = torch.randint(1, 7, (1, 12), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="return_samples is not available"):
         score_model(model, input_ids=blocks, progress=False, return_samples=True)
 
 
 def test_invalid_arguments():
-    calm, llama = tiny_calm(4), tiny_llama()
+    calm, llama = tiny_brier_calm(4), tiny_llama()
     with pytest.raises(ValueError, match="multiple of K"):
         score_model(calm, input_ids=torch.ones((1, 10), dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="too short"):
@@ -567,7 +804,7 @@ def test_texts_are_concatenated_and_cut_into_blocks():
         result = score_model(llama, texts=texts, tokenizer=tokenizer, progress=False)  # 2048 capped at the model's 8
         same = score_model(llama, input_ids=torch.tensor(stream[:24]).reshape(3, 8), progress=False)
         calm = score_model(
-            tiny_calm(2, vocab_size=4), texts=texts, tokenizer=tokenizer, context_length=12, progress=False
+            tiny_brier_calm(2, vocab_size=4), texts=texts, tokenizer=tokenizer, context_length=12, progress=False
         )
     assert result["context_length"] == 8 and result["num_blocks"] == len(stream) // 8 == 3
     assert result == same
@@ -582,7 +819,7 @@ def test_example_script(tmp_path, monkeypatch, capsys):
 
     words = ["the", "cat", "sat", "on", "mat", "dog"]
     tokenizer = word_tokenizer(words)
-    model = tiny_calm(4, vocab_size=len(words) + 1)
+    model = tiny_brier_calm(4, vocab_size=len(words) + 1)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     data = tmp_path / "docs.json"

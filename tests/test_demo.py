@@ -1,6 +1,7 @@
 """The demo pipeline (examples/demo.py) and the discrete baseline script (examples/train_llama_baseline.py), run end
 to end with tiny sizes so that they keep working; `make demo` runs the full-size demo."""
 
+import ast
 import json
 import os
 
@@ -43,6 +44,17 @@ def tiny_demo(tmp_path_factory):
     ])
     # fmt: on
     return output_dir, summary, texts
+
+
+def test_demo_trains_with_the_library_trainers():
+    """The demo imports no other example script: it trains with the package's CalmAutoencoderTrainer and CalmTrainer
+    (only examples/scripts.py, the scripts' shared plumbing, is imported)."""
+    examples = {name[: -len(".py")] for name in os.listdir(os.path.join(REPO_ROOT, "examples")) if name.endswith(".py")}
+    tree = ast.parse(open(demo.__file__, encoding="utf-8").read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported & examples == {"scripts"}
+    assert demo.CalmAutoencoderTrainer.__module__ == "transformers_calm.trainer_calm_autoencoder"
 
 
 def test_demo_writes_every_output(tiny_demo):

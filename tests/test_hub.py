@@ -1,35 +1,43 @@
-"""Publishing: model cards, `save_pretrained` output as a complete Hub repository, `push_to_hub` (with the Hub API
-mocked: nothing leaves the machine), and loading what was uploaded, without the package (`trust_remote_code=True`),
-from a local folder and from a hand-laid Hub cache.
+"""Publishing (hub.py): atomic `save_pretrained`, model cards, `save_pretrained` output as a complete Hub repository,
+`push_to_hub` (with the public `huggingface_hub` API mocked: nothing leaves the machine), the opt-in of the model
+classes, and loading what was uploaded, without the package (`trust_remote_code=True`), from a local folder and from a
+hand-laid Hub cache.
 
-Tiny models built here, CPU, offline (`HF_HUB_OFFLINE=1`, set in conftest)."""
+Tiny models from `factories`, CPU, offline (`HF_HUB_OFFLINE=1`, set in conftest)."""
 
+import ast
 import json
 import os
+import sys
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
+import factories
 import pytest
 import torch
-from common import TINY_LM
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load as load_safetensors
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils.hub import PushToHubMixin
 
-from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
+import transformers_calm
+from transformers_calm import CalmAutoencoder, CalmForCausalLM, CalmModel
+from transformers_calm.hub import CalmHubMixin, enable_hub_features
 from transformers_calm.model_card import CITATION, TRANSFORMERS_PLACEHOLDER, create_model_card, merge_model_card
+from transformers_calm.modeling_calm import CalmPreTrainedModel
+from transformers_calm.modeling_calm_autoencoder import CalmAutoencoderPreTrainedModel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(transformers_calm.__file__).parent
 K = 4
 AE_KWARGS = {"vocab_size": 53, "patch_size": K, "latent_size": 6, "hidden_size": 16, "intermediate_size": 24}
-LM_KWARGS = {
-    **TINY_LM,
-    "pad_token_id": 0,
-    "eos_token_id": None,
-}
+# The language model's special tokens: no EOS, so that generate returns exactly max_new_tokens.
+SPECIAL_TOKENS = {"pad_token_id": 0, "eos_token_id": None}
 CALM_AUTO_MAP = {
     "AutoConfig": "configuration_calm.CalmConfig",
     "AutoModel": "modeling_calm.CalmModel",
@@ -39,30 +47,23 @@ AE_AUTO_MAP = {
     "AutoConfig": "configuration_calm_autoencoder.CalmAutoencoderConfig",
     "AutoModel": "modeling_calm_autoencoder.CalmAutoencoder",
 }
-# Everything a CALM repository needs: with the module files that modeling_calm.py imports relatively (transitively).
-AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py", "model_card.py"}
+# The model code a repository needs: the configuration and modeling files and the modules modeling_calm.py imports
+# relatively (transitively). No Hub code (hub.py, model_card.py): that is the package's, not the checkpoint's.
+AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py"}
 CALM_MODULES = AE_MODULES | {"compat.py", "configuration_calm.py", "modeling_calm.py", "sampling.py"}
 CALM_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors"} | CALM_MODULES
 AE_FILES = {"README.md", "config.json", "model.safetensors"} | AE_MODULES
+HUB_MODULES = {"hub.py", "model_card.py"}
 OFFICIAL_CARDS = ("CALM-Autoencoder", "CALM-M", "CALM-L", "CALM-XL")
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
 def tiny_calm(seed=0) -> CalmForCausalLM:
-    torch.manual_seed(seed)
-    shared = {name: AE_KWARGS[name] for name in ("vocab_size", "patch_size", "latent_size")}
-    model = CalmForCausalLM(CalmConfig(**shared, **LM_KWARGS, autoencoder_config=AE_KWARGS))
-    # The head's output layer starts at zero (every sample the same latent): give it weights so that samples differ.
-    with torch.no_grad():
-        last = model.generative_head.final_layer.linears[-1]
-        last.weight.normal_(0.0, 0.5)
-        last.bias.normal_(0.0, 0.5)
-    return model.eval()
+    return factories.tiny_calm(seed, autoencoder={**AE_KWARGS, **SPECIAL_TOKENS})
 
 
 def tiny_autoencoder(seed=0) -> CalmAutoencoder:
-    torch.manual_seed(seed)
-    return CalmAutoencoder(CalmAutoencoderConfig(**AE_KWARGS)).eval()
+    return factories.tiny_autoencoder(seed, **AE_KWARGS)
 
 
 def card_of(text: str | bytes) -> ModelCard:
@@ -70,10 +71,12 @@ def card_of(text: str | bytes) -> ModelCard:
 
 
 @contextmanager
-def mocked_hub(remote_card: ModelCard | None = None):
-    """Mock the three Hub calls of `push_to_hub`; yield the list of commits, each `{"repo_id", "commit_message",
-    "files": {path_in_repo: bytes}}`, and the `ModelCard.load` mock. The repository has no README unless
-    `remote_card` is given."""
+def mocked_hub(remote_card: ModelCard | None = None, card_error: Exception | None = None):
+    """Mock the public Hub API that `push_to_hub` uses (`HfApi.create_repo`, `HfApi.create_branch`,
+    `HfApi.create_commit`, `ModelCard.load`); yield a namespace with `commits` (each `{"repo_id", "commit_message",
+    "files": {path_in_repo: bytes}, **other create_commit arguments}`) and the mocks `create_repo`, `create_branch`,
+    `card_load`. The repository has no README (`card_error`, default `EntryNotFoundError`) unless `remote_card` is
+    given."""
     commits = []
 
     def create_repo(self, repo_id, **kwargs):
@@ -85,7 +88,7 @@ def mocked_hub(remote_card: ModelCard | None = None):
         for op in operations:
             source = op.path_or_fileobj
             files[op.path_in_repo] = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
-        commits.append({"repo_id": repo_id, "commit_message": commit_message, "files": files})
+        commits.append({"repo_id": repo_id, "commit_message": commit_message, "files": files, **kwargs})
         return CommitInfo(
             commit_url=f"https://huggingface.co/{repo_id}/commit/{'a' * 40}",
             commit_message=commit_message,
@@ -93,13 +96,19 @@ def mocked_hub(remote_card: ModelCard | None = None):
             oid="a" * 40,
         )
 
-    load = {"side_effect": EntryNotFoundError("no README")} if remote_card is None else {"return_value": remote_card}
+    if remote_card is None:
+        load = {"side_effect": card_error or EntryNotFoundError("no README")}
+    else:
+        load = {"return_value": remote_card}
     with (
-        mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=create_repo),
+        mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=create_repo) as create_repo_mock,
+        mock.patch.object(HfApi, "create_branch", autospec=True, return_value=None) as create_branch_mock,
         mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=create_commit),
         mock.patch.object(ModelCard, "load", **load) as card_load,
     ):
-        yield commits, card_load
+        yield SimpleNamespace(
+            commits=commits, create_repo=create_repo_mock, create_branch=create_branch_mock, card_load=card_load
+        )
 
 
 def write_files(directory: Path, files: dict[str, bytes]) -> Path:
@@ -145,9 +154,10 @@ def published(tmp_path_factory, run_without_package):
     as a Hub cache entry of "org/calm-tiny", and load all three in one child process where the package is hidden."""
     root = tmp_path_factory.mktemp("hub")
     calm, autoencoder = tiny_calm(seed=1), tiny_autoencoder(seed=2)
-    with mocked_hub() as (commits, card_load):
+    with mocked_hub() as hub:
         calm.push_to_hub("org/calm-tiny", commit_message="Add tiny CALM", tags=["my-tag"])
         autoencoder.push_to_hub("org/calm-tiny-autoencoder")
+    commits = hub.commits
     calm_commit, ae_commit = commits
     calm_dir = write_files(root / "calm-tiny", calm_commit["files"])
     ae_dir = write_files(root / "calm-tiny-autoencoder", ae_commit["files"])
@@ -172,7 +182,7 @@ def published(tmp_path_factory, run_without_package):
         "calm": calm,
         "autoencoder": autoencoder,
         "commits": commits,
-        "card_load_calls": card_load.call_args_list,
+        "card_load_calls": hub.card_load.call_args_list,
         "calm_dir": calm_dir,
         "cache": cache,
         "prompt": prompt,
@@ -269,6 +279,148 @@ def test_create_model_card_without_saving():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# save_pretrained: atomic, into new and existing directories
+
+
+def assert_same_outputs(model_a, model_b, input_ids):
+    with torch.no_grad():
+        out_a, out_b = model_a.eval()(input_ids), model_b.eval()(input_ids)
+    for name in ("loss", "reconstruction_loss", "kl_loss", "logits", "latent_mean", "latent_log_std"):
+        assert torch.equal(out_a[name], out_b[name]), name
+
+
+def test_save_into_existing_directory(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "trainer_state.json").write_text("{}")
+    tiny_autoencoder(seed=0).save_pretrained(target)
+    second = tiny_autoencoder(seed=1)
+    second.save_pretrained(str(target) + os.sep)  # again, into the now populated directory
+    assert (target / "trainer_state.json").read_text() == "{}"
+    assert set(os.listdir(target)) == AE_FILES | {"trainer_state.json"}
+    assert_same_outputs(second, AutoModel.from_pretrained(target), factories.random_ids(2, 16, AE_KWARGS["vocab_size"]))
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left behind
+
+
+def test_save_into_a_file_path_raises(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        tiny_autoencoder().save_pretrained(tmp_path / "file")
+
+
+def test_failed_save_leaves_no_temporary_directory(tmp_path):
+    with mock.patch.object(PreTrainedModel, "save_pretrained", side_effect=RuntimeError("disk full")):
+        with pytest.raises(RuntimeError, match="disk full"):
+            tiny_autoencoder().save_pretrained(tmp_path / "ckpt")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("first_shard, second_shard", [(None, "8KB"), ("8KB", "20KB"), ("8KB", None)])
+def test_resave_over_a_checkpoint_with_different_sharding(tmp_path, first_shard, second_shard):
+    """Re-saving into a directory must give the same files as a fresh save: no stale weight files or shards that
+    a loader could pick up instead of the new ones (a stale model.safetensors wins over a new sharded index)."""
+
+    def save(model, directory, shard):
+        model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+
+    old, new = tiny_autoencoder(seed=0), tiny_autoencoder(seed=1)
+    save(old, tmp_path / "reused", first_shard)
+    save(new, tmp_path / "reused", second_shard)
+    save(new, tmp_path / "fresh", second_shard)
+    assert sorted(os.listdir(tmp_path / "reused")) == sorted(os.listdir(tmp_path / "fresh"))
+    reloaded = AutoModel.from_pretrained(tmp_path / "reused")
+    assert_same_outputs(new, reloaded, factories.random_ids(2, 16, AE_KWARGS["vocab_size"]))
+
+
+def test_save_on_another_process_writes_no_card(tmp_path):
+    with mocked_hub() as hub:
+        tiny_autoencoder().save_pretrained(tmp_path / "ckpt", is_main_process=False, push_to_hub=True)
+    assert "README.md" not in os.listdir(tmp_path / "ckpt")
+    assert not hub.create_repo.called and not hub.commits  # only the main process uploads
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The opt-in: the modeling files hold no Hub code; the package's classes get it from hub.py
+
+
+def absolute_imports(path: Path) -> set[str]:
+    """Top-level names of every absolute import in a Python file (nested ones included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def relative_imports(path: Path) -> set[str]:
+    """File names of the modules a Python file imports relatively, transitively."""
+    return {os.path.basename(name) for name in get_relative_import_files(str(path))}
+
+
+@pytest.mark.parametrize("name", sorted(CALM_MODULES))
+def test_model_code_imports_only_torch_transformers_and_model_code(name):
+    path = PACKAGE_DIR / name
+    assert absolute_imports(path) - set(sys.stdlib_module_names) <= {"torch", "transformers"}
+    assert relative_imports(path) <= CALM_MODULES  # never hub.py, model_card.py or the trainers
+
+
+def test_saved_code_files_are_exactly_the_model_code(tmp_path):
+    tiny_calm().save_pretrained(tmp_path / "calm")
+    tiny_autoencoder().save_pretrained(tmp_path / "ae")
+    for directory, top_modules in ((tmp_path / "calm", ("modeling_calm.py",)), (tmp_path / "ae", ())):
+        code = {name for name in os.listdir(directory) if name.endswith(".py")}
+        assert not code & HUB_MODULES
+        modeling = {"modeling_calm_autoencoder.py", *top_modules}
+        expected = (
+            modeling
+            | {"configuration_calm_autoencoder.py"}
+            | set().union(*(relative_imports(PACKAGE_DIR / name) for name in modeling))
+        )
+        assert code == expected
+    assert {name for name in os.listdir(tmp_path / "calm") if name.endswith(".py")} == CALM_MODULES
+    assert {name for name in os.listdir(tmp_path / "ae") if name.endswith(".py")} == AE_MODULES
+
+
+def test_no_private_transformers_method_is_overridden():
+    assert "_upload_modified_files" not in vars(CalmHubMixin)
+    # The mixin's own attributes are the two public methods (its helpers are module functions of hub.py).
+    assert {name for name in vars(CalmHubMixin) if not name.startswith("__")} == {"save_pretrained", "push_to_hub"}
+    hub_private = {name for name in vars(PushToHubMixin) if name.startswith("_") and not name.startswith("__")}
+    assert "_upload_modified_files" in hub_private  # what the check below looks for
+    for model_class in (CalmForCausalLM, CalmModel, CalmAutoencoder):
+        mro = model_class.__mro__
+        assert mro.index(CalmHubMixin) < mro.index(PreTrainedModel)
+        ours = [cls for cls in mro if cls.__module__.startswith("transformers_calm")]
+        assert ours[-1] is CalmHubMixin
+        for cls in ours:
+            assert not set(vars(cls)) & hub_private, cls
+        assert model_class.save_pretrained is CalmHubMixin.save_pretrained
+        assert model_class.push_to_hub is CalmHubMixin.push_to_hub
+
+
+def test_enable_hub_features_is_the_package_opt_in_and_idempotent():
+    for base in (CalmAutoencoderPreTrainedModel, CalmPreTrainedModel):
+        assert base.__bases__ == (CalmHubMixin, PreTrainedModel)
+    enable_hub_features(CalmAutoencoderPreTrainedModel, CalmPreTrainedModel)  # again: nothing changes
+    assert CalmPreTrainedModel.__bases__ == (CalmHubMixin, PreTrainedModel)
+
+    class Plain(PreTrainedModel):
+        pass
+
+    class Sub(Plain):
+        pass
+
+    assert not issubclass(Sub, CalmHubMixin)
+    enable_hub_features(Plain)
+    assert Plain.__bases__ == (CalmHubMixin, PreTrainedModel)
+    assert Sub.save_pretrained is CalmHubMixin.save_pretrained  # subclasses follow
+    with pytest.raises(TypeError, match="not a PreTrainedModel subclass"):
+        enable_hub_features(object)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # push_to_hub (mocked Hub): what is uploaded
 
 
@@ -279,7 +431,7 @@ def test_push_to_hub_uploads_the_repository_with_our_card(published):
     assert commit["repo_id"] == "org/calm-tiny"
     assert commit["commit_message"] == "Add tiny CALM"
     assert set(commit["files"]) == CALM_FILES
-    assert published["card_load_calls"][0].args[0] == "org/calm-tiny"  # transformers looked for an existing card
+    assert published["card_load_calls"][0].args[0] == "org/calm-tiny"  # we looked for an existing card
 
     config = json.loads(commit["files"]["config.json"])
     assert config["auto_map"] == CALM_AUTO_MAP
@@ -316,9 +468,9 @@ def test_push_to_hub_autoencoder(published):
 
 def test_push_to_hub_keeps_the_card_a_repository_already_has():
     remote = card_of("---\nlicense: mit\ntags:\n- mine\n---\n\n# Hand-written\n\nKeep this text.\n")
-    with mocked_hub(remote_card=remote) as (commits, _):
+    with mocked_hub(remote_card=remote) as hub:
         tiny_autoencoder().push_to_hub("org/ae")
-    card = card_of(commits[0]["files"]["README.md"])
+    card = card_of(hub.commits[0]["files"]["README.md"])
     assert card.text == "\n# Hand-written\n\nKeep this text.\n"
     assert card.data.license == "mit"
     assert card.data.library_name == "transformers"  # our metadata completes it
@@ -346,11 +498,11 @@ def test_merge_model_card_fills_only_missing_metadata():
 
 def test_save_pretrained_with_push_to_hub(tmp_path):
     model = tiny_calm()
-    with mocked_hub() as (commits, _):
+    with mocked_hub() as hub:
         model.save_pretrained(
             tmp_path / "local-name", push_to_hub=True, repo_id="org/pushed", model_card_kwargs={"license": "mit"}
         )
-    (commit,) = commits
+    (commit,) = hub.commits
     assert commit["repo_id"] == "org/pushed"
     assert set(commit["files"]) == CALM_FILES
     card = card_of(commit["files"]["README.md"])
@@ -359,6 +511,113 @@ def test_save_pretrained_with_push_to_hub(tmp_path):
     # The local folder is the same repository, card included.
     assert set(os.listdir(tmp_path / "local-name")) == CALM_FILES
     assert (tmp_path / "local-name" / "README.md").read_bytes() == commit["files"]["README.md"]
+
+
+def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path):
+    model = tiny_autoencoder()
+    with mocked_hub() as hub:
+        commit_info = model.push_to_hub("org/calm-autoencoder")
+    (commit,) = hub.commits
+    assert commit_info.oid == "a" * 40  # the commit made is returned
+    assert set(commit["files"]) == AE_FILES
+    assert json.loads(commit["files"]["config.json"])["model_type"] == "calm_autoencoder"
+    write_files(tmp_path / "uploaded", commit["files"])
+    reloaded = AutoModel.from_pretrained(tmp_path / "uploaded")
+    assert type(reloaded) is CalmAutoencoder
+    assert_same_outputs(model, reloaded, factories.random_ids(2, 16, AE_KWARGS["vocab_size"]))
+
+
+def test_push_to_hub_arguments_reach_the_hub_api():
+    model = tiny_autoencoder()
+    model.add_model_tags(["from-model"])
+    with mocked_hub() as hub:
+        model.push_to_hub(
+            "org/ae",
+            commit_message="msg",
+            commit_description="desc",
+            private=True,
+            token="hf_x",
+            revision="dev",
+            create_pr=True,
+            tags="extra",
+        )
+    assert hub.create_repo.call_args.args[1] == "org/ae"
+    assert hub.create_repo.call_args.kwargs == {"private": True, "token": "hf_x", "exist_ok": True}
+    assert hub.card_load.call_args.args == ("org/ae",) and hub.card_load.call_args.kwargs["token"] == "hf_x"
+    assert hub.create_branch.call_args.args[1] == "org/ae"
+    assert hub.create_branch.call_args.kwargs == {"branch": "dev", "token": "hf_x", "exist_ok": True}
+    (commit,) = hub.commits
+    assert commit["commit_message"] == "msg" and commit["commit_description"] == "desc"
+    assert (commit["token"], commit["revision"], commit["create_pr"]) == ("hf_x", "dev", True)
+    assert card_of(commit["files"]["README.md"]).data.tags == [
+        "calm",
+        "custom_code",
+        "autoencoder",
+        "from-model",
+        "extra",
+    ]
+    assert model.model_tags == ["from-model"]  # the push's tags are not added to the model
+
+
+def test_push_to_hub_a_pull_request_branch_is_not_created():
+    with mocked_hub() as hub:
+        tiny_autoencoder().push_to_hub("org/ae", revision="refs/pr/1")
+    assert not hub.create_branch.called and hub.commits[0]["revision"] == "refs/pr/1"
+
+
+def repository_not_found():
+    return RepositoryNotFoundError("no repository", response=mock.Mock(status_code=404, headers={}))
+
+
+@pytest.mark.parametrize("make_error", [lambda: EntryNotFoundError("no README"), repository_not_found])
+def test_push_to_hub_without_a_remote_card_uploads_ours(make_error):
+    with mocked_hub(card_error=make_error()) as hub:
+        tiny_calm().push_to_hub("org/new")
+    card = card_of(hub.commits[0]["files"]["README.md"])
+    assert card.text.startswith("\n# new\n") and card.data.pipeline_tag == "text-generation"
+
+
+def test_push_to_hub_replaces_the_transformers_placeholder():
+    placeholder = card_of(
+        f"---\nlibrary_name: transformers\ntags: [old]\n---\n\n# Model\n\n{TRANSFORMERS_PLACEHOLDER}\n"
+    )
+    with mocked_hub(remote_card=placeholder) as hub:
+        tiny_autoencoder().push_to_hub("org/ae")
+    card = card_of(hub.commits[0]["files"]["README.md"])
+    assert TRANSFORMERS_PLACEHOLDER not in card.text and card.text.startswith("\n# ae\n")
+    assert card.data.tags == ["calm", "custom_code", "autoencoder", "old"]
+
+
+def test_save_pretrained_push_to_hub_uses_the_directory_name_as_repo_id(tmp_path):
+    """`save_pretrained(dir, push_to_hub=True)` defaults repo_id to the directory name; the atomic save must not turn
+    it into the name of its temporary directory. The repository is created before anything is saved."""
+
+    class Stop(Exception):
+        pass
+
+    with mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=Stop) as create_repo:
+        with pytest.raises(Stop):
+            tiny_autoencoder().save_pretrained(tmp_path / "my-autoencoder", push_to_hub=True)
+    assert create_repo.call_args.args[1] == "my-autoencoder"
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_pretrained_with_push_to_hub_into_an_existing_directory(tmp_path):
+    """Only what this save writes is uploaded (not the other files of a Trainer output_dir), with our card; the
+    user's README.md stays in the directory."""
+    directory = tmp_path / "out"
+    directory.mkdir()
+    (directory / "README.md").write_text("# My own card\n")
+    (directory / "trainer_state.json").write_text("{}")
+    with mocked_hub() as hub:
+        tiny_autoencoder().save_pretrained(directory, push_to_hub=True, repo_id="org/ae", commit_message="Save")
+    (commit,) = hub.commits
+    assert commit["repo_id"] == "org/ae" and commit["commit_message"] == "Save"
+    assert set(commit["files"]) == AE_FILES
+    card = card_of(commit["files"]["README.md"])
+    assert card.text.startswith("\n# ae\n") and "calm" in card.data.tags
+    assert (directory / "README.md").read_text() == "# My own card\n"
+    assert set(os.listdir(directory)) == AE_FILES | {"trainer_state.json"}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,31 +1,27 @@
 """LoRA (peft) on CalmForCausalLM and the example `examples/finetune_lora.py`.
 
-Tiny models built here, CPU, offline."""
+Tiny models from `factories`, CPU, offline."""
 
 import importlib
 import json
 import warnings
 from pathlib import Path
 
+import factories
 import pytest
 import torch
-from common import TINY_LM
 from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from transformers_calm import CalmConfig, CalmForCausalLM
+from transformers_calm import CalmForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 K = 4
 AE_KWARGS = {"vocab_size": 53, "patch_size": K, "latent_size": 6, "hidden_size": 16, "intermediate_size": 24}
-LM_KWARGS = {
-    **TINY_LM,
-    "pad_token_id": 0,
-    "eos_token_id": None,  # no early stop: generate returns exactly max_new_tokens
-}
+SPECIAL_TOKENS = {"pad_token_id": 0, "eos_token_id": None}  # no early stop: generate returns exactly max_new_tokens
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -36,16 +32,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 finetune_lora = importlib.import_module("finetune_lora")  # examples/ is on sys.path (conftest)
 
 
-def tiny_model(seed=0, **overrides) -> CalmForCausalLM:
-    torch.manual_seed(seed)
-    ae = {**AE_KWARGS, **overrides.pop("autoencoder", {})}
-    shared = {name: ae[name] for name in ("vocab_size", "patch_size", "latent_size")}
-    model = CalmForCausalLM(CalmConfig(**{**shared, **LM_KWARGS, **overrides}, autoencoder_config=ae))
-    with torch.no_grad():  # the head's output layer starts at zero: give it weights so that samples differ
-        last = model.generative_head.final_layer.linears[-1]
-        last.weight.normal_(0.0, 0.5)
-        last.bias.normal_(0.0, 0.5)
-    return model.eval()
+def tiny_model(seed=0, autoencoder: dict | None = None) -> CalmForCausalLM:
+    """A tiny CALM in eval mode, its head's output layer random; `autoencoder` overrides its vocabulary and special
+    tokens (the language model takes them over)."""
+    return factories.tiny_calm(seed, autoencoder={**AE_KWARGS, **SPECIAL_TOKENS, **(autoencoder or {})})
 
 
 def make_ids(batch=2, num_chunks=4, seed=0, vocab_size=AE_KWARGS["vocab_size"]) -> torch.LongTensor:
@@ -286,11 +276,7 @@ def example_setup(tmp_path_factory):
     tokenizer = tiny_tokenizer(documents[:4])
     assert tokenizer("the cat")["input_ids"][0] == tokenizer.bos_token_id == 1 and tokenizer.pad_token_id == 0
     model = tiny_model(
-        seed=4,
-        autoencoder={"vocab_size": len(tokenizer), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
-        vocab_size=len(tokenizer),
-        bos_token_id=1,
-        eos_token_id=2,
+        seed=4, autoencoder={"vocab_size": len(tokenizer), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     )
     model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")

@@ -1,6 +1,6 @@
-"""Tests of examples/train_calm.py and of the data recipes of `transformers_calm.data`: a tiny word-level tokenizer and
-a tiny autoencoder are made here from a few documents of the bundled WikiText; CPU, offline. One test launches the
-script on 2 processes with torchrun (gloo)."""
+"""Tests of examples/train_calm.py, examples/train_autoencoder.py and of the data recipes of `transformers_calm.data`: a
+tiny word-level tokenizer is made here from a few documents of the bundled WikiText, the tiny autoencoder comes from
+`factories`; CPU, offline. One test launches the CALM script on 2 processes with torchrun (gloo)."""
 
 import importlib
 import json
@@ -10,13 +10,14 @@ import sys
 import warnings
 
 import datasets
+import factories
 import pytest
 import torch
-from common import EVAL_KEYS
+from common import AUTOENCODER_EVAL_KEYS, EVAL_KEYS
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TrainingArguments
 
-from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalLM, CalmTrainer
+from transformers_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer
 from transformers_calm.data import build_blocks, documents_to_ids, load_documents
 
 pytestmark = pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # untrained models score <= 0
@@ -33,8 +34,8 @@ SHAPE_ARGS = [
 ]  # fmt: skip
 
 
-def load_example():
-    return importlib.import_module("train_calm")  # examples/ is on sys.path (conftest)
+def load_example(name="train_calm"):
+    return importlib.import_module(name)  # examples/ is on sys.path (conftest)
 
 
 def documents(count, skip=0, chars=1500):
@@ -67,8 +68,8 @@ def workdir(tmp_path, monkeypatch):
         with open(tmp_path / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
     tokenizer = word_tokenizer(train + validation)
-    torch.manual_seed(0)
-    config = CalmAutoencoderConfig(
+    autoencoder = factories.tiny_autoencoder(
+        seed=0,
         vocab_size=len(tokenizer),
         patch_size=K,
         latent_size=6,
@@ -78,7 +79,7 @@ def workdir(tmp_path, monkeypatch):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    CalmAutoencoder(config).save_pretrained(tmp_path / "autoencoder")
+    autoencoder.save_pretrained(tmp_path / "autoencoder")
     tokenizer.save_pretrained(tmp_path / "autoencoder")
     return tmp_path
 
@@ -187,6 +188,39 @@ def test_train_calm_errors(workdir):
     argv[argv.index("--autoencoder") + 1] = str(bare_ae)
     with pytest.raises(ValueError, match="pass --tokenizer"):
         example.main(argv)
+
+
+def test_train_autoencoder_end_to_end(workdir):
+    """examples/train_autoencoder.py trains with the package's CalmAutoencoderTrainer and saves a loadable autoencoder
+    with its tokenizer."""
+    example = load_example("train_autoencoder")
+    output_dir = workdir / "ae-out"
+    # fmt: off
+    trainer, metrics = example.main([
+        "--tokenizer", str(workdir / "autoencoder"),
+        "--train_file", str(workdir / "train.jsonl"), "--validation_file", str(workdir / "validation.jsonl"),
+        "--block_size", str(BLOCK_SIZE), "--patch_size", str(K), "--latent_size", "6", "--hidden_size", "16",
+        "--intermediate_size", "24", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+        "--max_eval_samples", "3", "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "--seed", "0", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+        "--output_dir", str(output_dir),
+    ])
+    # fmt: on
+    assert type(trainer) is CalmAutoencoderTrainer and trainer.state.global_step == 3
+    assert AUTOENCODER_EVAL_KEYS <= metrics.keys() and metrics["train_loss"] > 0
+    args = trainer.args
+    official = (3e-4, 0.9, 0.95, 0.1, 1.0)
+    assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.weight_decay, args.max_grad_norm) == official
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    terms = {"reconstruction_loss", "kl_loss", "reconstruction_accuracy"}
+    assert len(logs) == 3 and all(terms <= entry.keys() for entry in logs)
+    model = CalmAutoencoder.from_pretrained(output_dir)
+    assert model.config.hidden_size == 16 and model.config.pad_token_id == 0
+    trained = trainer.model.state_dict()
+    assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
+    assert len(AutoTokenizer.from_pretrained(output_dir)) == model.config.vocab_size
+    saved_metrics = json.loads((output_dir / "eval_results.json").read_text())
+    assert saved_metrics["eval_chunk_accuracy"] == metrics["eval_chunk_accuracy"]
 
 
 @pytest.mark.slow  # torchrun, 2 processes

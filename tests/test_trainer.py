@@ -1,26 +1,25 @@
-"""Tests of `CalmTrainer`: energy terms in the logs, evaluation (BrierLM, reconstruction accuracy), gradient
-accumulation, bf16, gradient checkpointing and exact resumption.
+"""Tests of `CalmTrainer` (energy terms in the logs, evaluation: BrierLM, reconstruction accuracy; gradient
+accumulation, bf16, gradient checkpointing, exact resumption) and of `CalmAutoencoderTrainer` (loss terms in the logs,
+evaluation: reconstruction accuracy).
 
-Tiny models and random blocks built here, CPU, one process, offline."""
+Tiny models from `factories`, random blocks, CPU, one process, offline."""
 
+import importlib
 import math
 
+import factories
 import pytest
 import torch
-from common import EVAL_KEYS, TINY_LM
+from common import AUTOENCODER_EVAL_KEYS, EVAL_KEYS
 from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
-from transformers_calm import (
-    CalmAutoencoder,
-    CalmAutoencoderConfig,
-    CalmForCausalLM,
-    CalmTrainer,
-    modeling_calm,
-)
+import transformers_calm
+from transformers_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer, modeling_calm
 from transformers_calm.brierlm import model_brier_terms, scores_from_terms
 from transformers_calm.modeling_calm import CalmEnergyHead
 from transformers_calm.trainer_calm import block_fingerprints
+from transformers_calm.trainer_logging import LossTermsLoggingMixin
 
 pytestmark = pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # untrained models score <= 0
 
@@ -43,24 +42,19 @@ AE_KWARGS = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-LM_KWARGS = {
-    **TINY_LM,
-    "num_targets": 8,
-    "max_position_embeddings": BLOCK // K,
-}
 
 
 def make_model(seed=0) -> CalmForCausalLM:
-    """A tiny CALM around a random autoencoder. The head's output layer starts at zero (then no gradient reaches the
-    backbone on the first step): give it random weights, so that every test exercises the whole model."""
-    torch.manual_seed(seed)
-    autoencoder = CalmAutoencoder(CalmAutoencoderConfig(**AE_KWARGS))
-    model = CalmForCausalLM.from_autoencoder(autoencoder, **LM_KWARGS)
-    with torch.no_grad():
-        last = model.generative_head.final_layer.linears[-1]
-        last.weight.normal_(0.0, 0.5)
-        last.bias.normal_(0.0, 0.5)
-    return model
+    """A tiny CALM around a random autoencoder, in train mode. The head's output layer gets random weights (it starts
+    at zero, and then no gradient reaches the backbone on the first step), so that every test exercises the whole
+    model."""
+    backbone = {"max_position_embeddings": BLOCK // K}
+    return factories.tiny_calm(seed, autoencoder=AE_KWARGS, backbone=backbone, num_targets=8).train()
+
+
+def make_autoencoder(seed=0) -> CalmAutoencoder:
+    """A tiny autoencoder (of the CALM above), in train mode."""
+    return factories.tiny_autoencoder(seed, **AE_KWARGS).train()
 
 
 def make_blocks(num_blocks, seed=0) -> Dataset:
@@ -326,3 +320,112 @@ def test_prediction_loss_only(tmp_path):
     args = make_args(tmp_path, prediction_loss_only=True)
     metrics = CalmTrainer(model=make_model(), args=args, eval_dataset=make_blocks(2)).evaluate()
     assert "eval_loss" in metrics and "eval_brierlm" not in metrics
+
+
+# ------------------------------------------------------------------------------------------ CalmAutoencoderTrainer
+
+
+def test_autoencoder_trainer_is_the_library_one_and_shares_the_loss_term_logging(tmp_path):
+    """The trainer comes from the package (lazily, like CalmTrainer); the example script uses that same class. Both
+    trainers log their loss terms the same way."""
+    assert CalmAutoencoderTrainer.__module__ == "transformers_calm.trainer_calm_autoencoder"
+    assert "CalmAutoencoderTrainer" in transformers_calm.__all__
+    assert importlib.import_module("train_autoencoder").CalmAutoencoderTrainer is CalmAutoencoderTrainer
+    for trainer_class in (CalmTrainer, CalmAutoencoderTrainer):
+        assert issubclass(trainer_class, LossTermsLoggingMixin)
+        assert trainer_class.log is LossTermsLoggingMixin.log
+    assert CalmTrainer.loss_terms == ("energy_fidelity", "energy_diversity")
+    assert CalmAutoencoderTrainer.loss_terms == ("reconstruction_loss", "kl_loss", "reconstruction_accuracy")
+    trainer = CalmAutoencoderTrainer(model=make_autoencoder(), args=make_args(tmp_path), train_dataset=make_blocks(2))
+    assert trainer.model_accepts_loss_kwargs is False and trainer.loss_is_scaled_for_ga is False
+
+
+def test_autoencoder_train_logs_carry_the_loss_terms(tmp_path):
+    """Every periodic train log has the loss terms, averaged over exactly the micro-batches whose losses `loss`
+    averages: the loss is K * reconstruction_loss + kl_weight * kl_loss per batch, so the logged means obey it too."""
+    model = make_autoencoder()
+    args = make_args(tmp_path, max_steps=4, logging_steps=2, gradient_accumulation_steps=2)
+    trainer = CalmAutoencoderTrainer(model=model, args=args, train_dataset=make_blocks(8))
+    trainer.train()
+    logs = train_logs(trainer)
+    assert [entry["step"] for entry in logs] == [2, 4]
+    for entry in logs:
+        assert entry["reconstruction_loss"] > 0 and entry["kl_loss"] > 0
+        assert 0 <= entry["reconstruction_accuracy"] <= 1
+        expected = K * entry["reconstruction_loss"] + model.config.kl_weight * entry["kl_loss"]
+        assert entry["loss"] == pytest.approx(expected, rel=1e-5)
+    assert "reconstruction_loss" not in trainer.state.log_history[-1]  # the end-of-training summary
+
+
+def autoencoder_eval_blocks(model, num_blocks=5) -> Dataset:
+    """Eval blocks whose labels make the accuracies non-trivial for an untrained model: two positions in three are
+    labelled with the model's own decoding (right), the others keep the input (mostly wrong), one in seven is -100."""
+    ids = factories.random_ids(num_blocks, BLOCK, AE_KWARGS["vocab_size"], low=3, seed=1)
+    with torch.no_grad():
+        predicted = model.eval().decode_token_ids(model.encode(ids)[0])
+    position = torch.arange(ids.numel()).view_as(ids)
+    labels = torch.where(position % 3 != 0, predicted, ids).masked_fill(position % 7 == 0, -100)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def test_autoencoder_evaluate_matches_a_hand_computation(tmp_path):
+    model = make_autoencoder()
+    blocks = autoencoder_eval_blocks(model)  # 5 blocks in batches of 2: the last batch is partial
+    trainer = CalmAutoencoderTrainer(model=model, args=make_args(tmp_path), eval_dataset=blocks)
+    metrics = trainer.evaluate()
+    assert AUTOENCODER_EVAL_KEYS <= metrics.keys()
+
+    ids, labels = torch.tensor(blocks["input_ids"]), torch.tensor(blocks["labels"])
+    model.eval()
+    with torch.no_grad():
+        tokens = model.decode(model.encode(ids)[0]).argmax(-1)  # the posterior mean, decoded
+        batches = [model(ids[i : i + 2], labels=labels[i : i + 2]) for i in range(0, len(ids), 2)]
+    labelled = labels != -100
+    correct = (tokens == labels) & labelled
+    accuracy = correct.sum().item() / labelled.sum().item()
+    assert 0.3 < accuracy < 0.9  # the labels make it non-trivial
+    assert metrics["eval_reconstruction_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    chunk_labelled = labelled.view(len(ids), -1, K).any(-1)
+    chunk_right = (correct | ~labelled).view(len(ids), -1, K).all(-1) & chunk_labelled
+    chunk_accuracy = chunk_right.sum().item() / chunk_labelled.sum().item()
+    assert 0 < chunk_accuracy < 1
+    assert metrics["eval_chunk_accuracy"] == pytest.approx(chunk_accuracy, abs=1e-12)
+    # The loss terms are means over eval batches weighted by their sizes, like eval_loss.
+    sizes = [2, 2, 1]
+    for name in ("loss", "reconstruction_loss", "kl_loss"):
+        expected = sum(n * batch[name].item() for n, batch in zip(sizes, batches, strict=True)) / sum(sizes)
+        assert metrics[f"eval_{name}"] == pytest.approx(expected, rel=1e-6), name
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_reconstruction_loss"]), rel=1e-12)
+
+    # Deterministic (eval decodes the posterior mean), and the accuracies do not depend on the batch size.
+    assert {k: trainer.evaluate()[k] for k in AUTOENCODER_EVAL_KEYS} == {k: metrics[k] for k in AUTOENCODER_EVAL_KEYS}
+    args = make_args(tmp_path, per_device_eval_batch_size=3)
+    other = CalmAutoencoderTrainer(model=model, args=args, eval_dataset=blocks).evaluate()
+    for key in ("eval_reconstruction_accuracy", "eval_chunk_accuracy"):
+        assert other[key] == metrics[key], key
+
+
+def test_autoencoder_eval_during_training_and_prediction_loss_only(tmp_path):
+    model = make_autoencoder()
+    args = make_args(
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        metric_for_best_model="eval_reconstruction_accuracy",
+        load_best_model_at_end=True,
+    )
+    blocks = autoencoder_eval_blocks(make_autoencoder(seed=1), num_blocks=3)
+    trainer = CalmAutoencoderTrainer(model=model, args=args, train_dataset=make_blocks(8), eval_dataset=blocks)
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_reconstruction_accuracy" in entry]
+    assert [entry["step"] for entry in evals] == [2, 4]
+    assert all(AUTOENCODER_EVAL_KEYS <= entry.keys() for entry in evals)
+    assert trainer.state.best_metric == max(entry["eval_reconstruction_accuracy"] for entry in evals)
+    assert all("reconstruction_loss" in entry for entry in train_logs(trainer))  # eval does not take the train terms
+
+    args = make_args(tmp_path, prediction_loss_only=True)
+    metrics = CalmAutoencoderTrainer(model=model, args=args, eval_dataset=blocks).evaluate()
+    assert "eval_loss" in metrics and "eval_reconstruction_accuracy" not in metrics

@@ -6,9 +6,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .brierlm import BRIERLM_PATH, load_brierlm
 from .configuration_calm import CalmConfig
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .hub import enable_hub_features
 from .model_card import create_model_card
 from .modeling_calm import CalmCausalLMOutputWithPast, CalmEnergyHead, CalmForCausalLM, CalmModel, CalmPreTrainedModel
-from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput
+from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput, CalmAutoencoderPreTrainedModel
 
 __version__ = "0.1.0"
 
@@ -25,15 +26,22 @@ CalmAutoencoder.register_for_auto_class("AutoModel")
 CalmConfig.register_for_auto_class()
 CalmModel.register_for_auto_class("AutoModel")
 CalmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# The package's classes save atomically and write model cards (hub.py). The modeling files do not import that code:
+# remote-code repositories carry only the model code, which then needs nothing but transformers.
+enable_hub_features(CalmAutoencoderPreTrainedModel, CalmPreTrainedModel)
 
 
 def __getattr__(name):
-    # CalmTrainer is imported on first use: importing transformers' Trainer (and accelerate) would slow down every
+    # The trainers are imported on first use: importing transformers' Trainer (and accelerate) would slow down every
     # `import transformers_calm` by seconds.
     if name == "CalmTrainer":
         from .trainer_calm import CalmTrainer
 
         return CalmTrainer
+    if name == "CalmAutoencoderTrainer":
+        from .trainer_calm_autoencoder import CalmAutoencoderTrainer
+
+        return CalmAutoencoderTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -42,6 +50,7 @@ __all__ = [
     "CalmAutoencoder",
     "CalmAutoencoderConfig",
     "CalmAutoencoderOutput",
+    "CalmAutoencoderTrainer",
     "CalmCausalLMOutputWithPast",
     "CalmConfig",
     "CalmEnergyHead",

@@ -1,8 +1,8 @@
 """Model cards (the README.md of a Hub repository) for CALM checkpoints, written from the model's config.
 
-`save_pretrained` writes one next to the weights when the directory has none, and `push_to_hub` uploads it. This file
-is copied into every saved checkpoint with the modeling code (it is imported by `modeling_calm_autoencoder.py`), so it
-imports nothing but `huggingface_hub`.
+The package's `save_pretrained` writes one next to the weights when the directory has none, and its `push_to_hub`
+uploads it (see `hub.py`, which imports this module). It is package code, not model code: no modeling file imports it,
+so it is not copied into the checkpoints.
 """
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -15,7 +15,8 @@ CITATION = """\
   year    = {2025}
 }"""
 
-# Part of the generic card transformers' push_to_hub writes when the Hub repository has no README of its own.
+# Part of the generic card transformers' own push_to_hub writes when the Hub repository has no README (a repository
+# pushed from a remote-code copy of the model, or by the Trainer, may hold it): not a card of its own.
 TRANSFORMERS_PLACEHOLDER = "This model card has been automatically generated."
 
 # Metadata of our card that completes a card the repository already has (the license comes with its name and link).
@@ -226,7 +227,7 @@ def merge_model_card(existing: ModelCard | None, generated: ModelCard) -> ModelC
                 if key == "license":
                     card.data.license_name = generated.data.get("license_name")
                     card.data.license_link = generated.data.get("license_link")
-    # Tags of both (e.g. those passed to push_to_hub(tags=...), which transformers put in `existing`).
+    # Tags of both: the repository's own, then ours (with those passed to push_to_hub(tags=...)).
     tags = list(card.data.tags or [])
     for card_tags in (generated.data.tags, existing.data.tags if existing is not None else None):
         tags += [tag for tag in card_tags or [] if tag not in tags]

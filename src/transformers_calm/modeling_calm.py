@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, LlamaModel
+from transformers import GenerationConfig, GenerationMixin, LlamaModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerateDecoderOnlyOutput, StoppingCriteriaList
@@ -21,7 +21,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .compat import CACHE_NAME
 from .configuration_calm import CalmConfig
-from .modeling_calm_autoencoder import AtomicSavePreTrainedModel, CalmAutoencoder
+from .modeling_calm_autoencoder import CalmAutoencoder
 from .sampling import batch_temperature_sample, check_temperature, exact_temperature_sample, mode_sample
 
 # CALM's generation settings beyond transformers' GenerationConfig fields. They live in the model's default
@@ -234,7 +234,7 @@ def energy_score_terms(
     return fidelity.reshape(batch_shape), diversity.reshape(batch_shape)
 
 
-class CalmPreTrainedModel(AtomicSavePreTrainedModel):
+class CalmPreTrainedModel(PreTrainedModel):
     config_class = CalmConfig
     base_model_prefix = "model"
     _auto_map_entries = {

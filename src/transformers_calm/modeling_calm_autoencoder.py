@@ -5,109 +5,16 @@ size l and decoded back, independently of every other chunk. There is no attenti
 residual SwiGLU feed-forward layer, reused from transformers' Llama.
 """
 
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelCard
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.utils import ModelOutput
 
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
-from .model_card import create_model_card, merge_model_card
-
-
-class AtomicSavePreTrainedModel(PreTrainedModel):
-    """`PreTrainedModel` whose `save_pretrained` never leaves a half-written checkpoint.
-
-    Everything is first written into a temporary directory beside the destination. A new destination is then renamed
-    into place in one step; into an existing one (e.g. a Trainer `output_dir`) each file is moved with `os.replace`,
-    so a crash never leaves a truncated file.
-
-    When the class is registered for an Auto class (the package does it on import), the saved config gets an
-    `auto_map` naming every Auto class of `_auto_map_entries`, so that the directory also loads with
-    `trust_remote_code=True` where this package is not installed (transformers alone writes only the saved class).
-
-    The directory also gets a model card, `README.md` ([`~model_card.create_model_card`]), unless it already has one,
-    so that it is a complete Hub repository; `push_to_hub` uploads that card too.
-    """
-
-    _auto_map_entries: dict[str, str] = {}
-    # Weight files a previous save may have left in the destination (single file, shards, shard indexes).
-    _weight_file = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
-
-    def save_pretrained(self, save_directory, *args, model_card_kwargs: dict | None = None, **kwargs):
-        """`PreTrainedModel.save_pretrained`, atomic, plus a `README.md` model card when the directory has none.
-
-        Args:
-            model_card_kwargs (`dict`, *optional*):
-                Arguments of [`~model_card.create_model_card`] for the card, e.g. `{"license": "apache-2.0",
-                "datasets": ["monology/pile-uncopyrighted"], "results": {"brierlm": 5.72}}`.
-        """
-        if getattr(self, "_auto_class", None) is not None and self._auto_map_entries:
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map_entries}
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
-        if kwargs.get("push_to_hub"):
-            # transformers names the repo after the directory it saves into, which would be the temporary one.
-            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))
-        save_directory = os.path.abspath(save_directory)
-        parent = os.path.dirname(save_directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(save_directory)}.tmp-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should not be
-        # Read by `_upload_modified_files` when transformers pushes from inside `save_pretrained(push_to_hub=True)`.
-        self._model_card_kwargs = model_card_kwargs or {}
-        try:
-            super().save_pretrained(tmp, *args, **kwargs)
-            card_path = os.path.join(tmp, "README.md")
-            # A README is already there only when save_pretrained pushed: it is the card `_upload_modified_files` sent.
-            if kwargs.get("is_main_process", args[0] if args else True) and not os.path.exists(card_path):
-                card_kwargs = dict(self._model_card_kwargs)
-                if "repo_id" not in card_kwargs:
-                    card_kwargs.setdefault("model_name", os.path.basename(save_directory))
-                create_model_card(self, **card_kwargs).save(card_path)
-            if not os.path.exists(save_directory):
-                os.rename(tmp, save_directory)
-                return
-            new_files = set(os.listdir(tmp))
-            keep_card = os.path.exists(os.path.join(save_directory, "README.md"))  # never overwrite a user's card
-            for root, _, files in os.walk(tmp):
-                target_root = os.path.join(save_directory, os.path.relpath(root, tmp))
-                os.makedirs(target_root, exist_ok=True)
-                for name in files:
-                    if keep_card and root == tmp and name == "README.md":
-                        continue
-                    os.replace(os.path.join(root, name), os.path.join(target_root, name))
-            # Stale weights of an earlier save (e.g. shards, when this save wrote one file) would load instead of
-            # or beside the new ones.
-            for name in os.listdir(save_directory):
-                if name not in new_files and self._weight_file.fullmatch(name):
-                    os.remove(os.path.join(save_directory, name))
-        finally:
-            del self._model_card_kwargs
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        # transformers' push_to_hub (and save_pretrained(push_to_hub=True)) overwrites the README.md of the saved
-        # folder just before this call with the Hub repository's own card, or with a generic placeholder when the
-        # repository has none. Upload our card instead of the placeholder; only complete the metadata of a real one.
-        card_path = os.path.join(working_dir, "README.md")
-        existing = None
-        if os.path.isfile(card_path):
-            with open(card_path, encoding="utf-8") as f:
-                existing = ModelCard(f.read(), ignore_metadata_errors=True)
-        card_kwargs = {"repo_id": repo_id, **getattr(self, "_model_card_kwargs", {})}
-        merge_model_card(existing, create_model_card(self, **card_kwargs)).save(card_path)
-        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
 
 @dataclass
@@ -225,9 +132,10 @@ class CalmDecoder(nn.Module):
         return token_ids.view(states.shape[:-1])
 
 
-class CalmAutoencoderPreTrainedModel(AtomicSavePreTrainedModel):
+class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     config_class = CalmAutoencoderConfig
     base_model_prefix = "autoencoder"
+    # The auto_map that the package's save_pretrained writes (hub.CalmHubMixin): every Auto class this model loads with.
     _auto_map_entries = {
         "AutoConfig": "configuration_calm_autoencoder.CalmAutoencoderConfig",
         "AutoModel": "modeling_calm_autoencoder.CalmAutoencoder",

@@ -4,7 +4,7 @@ Training is the plain `Trainer` loop on the model's energy loss; every `Training
 (gradient accumulation, bf16, gradient checkpointing, DDP, save / resume, `load_best_model_at_end`). What it adds:
 
 - train logs: `energy_fidelity` and `energy_diversity`, averaged over the micro-batches since the previous log and over
-  the processes;
+  the processes ([`~trainer_logging.LossTermsLoggingMixin`], shared with `CalmAutoencoderTrainer`);
 - evaluation (`trainer.evaluate()`, and eval during training): `eval_loss`, `eval_energy_fidelity`,
   `eval_energy_diversity`, `eval_brier1..4`, `eval_brierlm` (the official chunk-aligned BrierLM, see
   [`~brierlm.model_brier_terms`]) and `eval_reconstruction_accuracy` (the frozen autoencoder's token accuracy on the
@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer
 
 from .brierlm import MAX_N, brierlm_from_briers, model_brier_terms
+from .trainer_logging import LossTermsLoggingMixin
 
 __all__ = ["CalmMetrics", "CalmTrainer", "block_fingerprints"]
 
@@ -26,7 +27,8 @@ __all__ = ["CalmMetrics", "CalmTrainer", "block_fingerprints"]
 # block). The Trainer gathers them over processes and drops the blocks that the last batch repeats to even out
 # processes (`gather_for_metrics`), then `CalmMetrics` reduces them.
 STATISTICS = (
-    "energy_fidelity",  # the block's batch mean (like eval_loss: the Trainer repeats each batch's loss per block)
+    # The block's batch means (like eval_loss: the Trainer repeats each batch's loss per block): CalmTrainer.loss_terms.
+    "energy_fidelity",
     "energy_diversity",
     *(f"brier{n}_sum" for n in range(1, MAX_N + 1)),  # sums of the per-position Brier-n estimates of the block
     "num_positions",
@@ -58,17 +60,20 @@ class CalmMetrics:
     `eval_` prefix). Also works with `batch_eval_metrics=True` (it then accumulates until `compute_result`).
     """
 
+    # The columns of the table it reduces (`CalmAutoencoderMetrics` reduces another one).
+    statistics = STATISTICS
+
     def __init__(self):
         self._rows = []
 
     def __call__(self, eval_prediction, compute_result: bool | None = None) -> dict[str, float]:
         """
         Args:
-            eval_prediction (`EvalPrediction`): `predictions` is the `(blocks, len(STATISTICS))` table.
+            eval_prediction (`EvalPrediction`): `predictions` is the `(blocks, len(statistics))` table.
             compute_result (`bool`, *optional*): given by the Trainer with `batch_eval_metrics=True` only: `False` to
                 accumulate a batch, `True` on the last batch to reduce everything accumulated.
         """
-        rows = _as_rows(eval_prediction.predictions).reshape(-1, len(STATISTICS))
+        rows = _as_rows(eval_prediction.predictions).reshape(-1, len(self.statistics))
         if compute_result is None:  # the whole evaluation set at once
             return self.reduce(rows)
         self._rows.append(rows)
@@ -93,7 +98,7 @@ class CalmMetrics:
         return metrics
 
 
-class CalmTrainer(Trainer):
+class CalmTrainer(LossTermsLoggingMixin, Trainer):
     """`Trainer` for [`CalmForCausalLM`]: trains on the energy loss and evaluates with BrierLM.
 
     Takes the arguments of `transformers.Trainer`. Differences:
@@ -127,6 +132,8 @@ class CalmTrainer(Trainer):
     # The energy loss is a per-batch mean: the Trainer must divide it by the gradient-accumulation steps (read by
     # transformers >= 5.23; older 5.x versions decide from `model_accepts_loss_kwargs`, set in `__init__`).
     loss_is_scaled_for_ga = False
+    # Output fields of CalmForCausalLM logged beside the loss (LossTermsLoggingMixin).
+    loss_terms = ("energy_fidelity", "energy_diversity")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -135,9 +142,6 @@ class CalmTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         if self.compute_metrics is None:
             self.compute_metrics = CalmMetrics()
-        # Sums since the previous train log, kept on the device (no synchronisation per step): fidelity, diversity,
-        # micro-batches.
-        self._train_terms = None
 
     # ------------------------------------------------------------------------------------------------------ training
 
@@ -147,26 +151,8 @@ class CalmTrainer(Trainer):
             inputs = {**inputs, "labels": inputs["input_ids"]}
         outputs = model(**inputs)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
-        if model.training and isinstance(outputs, dict) and outputs.get("energy_fidelity") is not None:
-            terms = torch.stack(
-                [
-                    outputs["energy_fidelity"].detach().float().mean(),
-                    outputs["energy_diversity"].detach().float().mean(),
-                    torch.ones((), device=loss.device),
-                ]
-            )
-            self._train_terms = terms if self._train_terms is None else self._train_terms + terms
+        self._record_loss_terms(model, outputs)
         return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the energy terms to the periodic train logs (those with a `loss`), then logs as `Trainer.log`."""
-        # The Trainer makes these logs on every process at the same step, so the reduction below runs in lockstep.
-        if "loss" in logs and self._train_terms is not None:
-            terms = self.accelerator.reduce(self._train_terms, reduction="sum").tolist()
-            logs["energy_fidelity"] = terms[0] / terms[2]
-            logs["energy_diversity"] = terms[1] / terms[2]
-            self._train_terms = None
-        super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------------- evaluation
 
@@ -220,8 +206,8 @@ class CalmTrainer(Trainer):
         # submodules get the same autocast.
         with torch.no_grad(), self.accelerator.autocast():
             terms = model_brier_terms(calm, input_ids, seed=self.args.seed, block_indices=fingerprints).terms
-            mean, _ = calm.autoencoder.encode(input_ids)
-            correct = calm.autoencoder.decode_token_ids(mean) == input_ids
+            mean, _ = calm.encode_chunks(input_ids)
+            correct = calm.decode_latents(mean).flatten(-2) == input_ids  # (batch, chunks, K) -> tokens
         scored = torch.ones_like(correct)
         attention_mask = inputs.get("attention_mask")
         if attention_mask is not None and attention_mask.shape == input_ids.shape:
@@ -229,8 +215,7 @@ class CalmTrainer(Trainer):
         batch = input_ids.shape[0]
         statistics = torch.stack(
             [
-                outputs["energy_fidelity"].detach().double().expand(batch),
-                outputs["energy_diversity"].detach().double().expand(batch),
+                *self._loss_term_columns(outputs, batch),
                 *terms.double().sum(1).unbind(-1),
                 torch.full((batch,), float(terms.shape[1]), dtype=torch.float64, device=terms.device),
                 (correct & scored).sum(-1).double(),

@@ -1,18 +1,23 @@
 """BrierLM as an `evaluate` metric: the likelihood-free language-model score of CALM (arXiv 2510.27688).
 
-Load it offline, from anywhere, with
+This folder is an `evaluate` community-metric folder (this module, its card `README.md`, the Space's `app.py` and
+`requirements.txt`). Load the metric
 
-    import evaluate, transformers_calm
-    brierlm = evaluate.load(transformers_calm.BRIERLM_PATH)   # or transformers_calm.load_brierlm()
+- from its Hub Space: `evaluate.load("<namespace>/brierlm")` (no transformers_calm needed);
+- offline, wherever transformers_calm is installed: `evaluate.load(transformers_calm.BRIERLM_PATH)` or
+  `transformers_calm.load_brierlm()`;
+- from the root of the transformers-calm repository (which holds a thin `brierlm/brierlm.py` over this file):
+  `evaluate.load("brierlm")`.
 
-or, from the root of the transformers-calm repository (which holds a thin `brierlm/brierlm.py` over this file),
-with `evaluate.load("brierlm")`. The estimator itself is `transformers_calm.brierlm.brier_scores` (plain torch).
+`evaluate` copies this file and the files it imports relatively (`estimator.py`, the estimator in plain torch) into
+its module cache, or downloads them from the Space: this module may import only evaluate, datasets and siblings of
+this folder, never transformers_calm.
 """
 
 import datasets
 import evaluate
 
-from transformers_calm.brierlm import MAX_N, brier_scores
+from .estimator import MAX_N, brier_scores
 
 _CITATION = """\
 @article{shao2025calm,
@@ -45,8 +50,8 @@ Returns:
         expectation; higher is better).
     brierlm (`float`): 100 x geometric mean of Brier-1..max_n, or 0 when one of them is <= 0.
 Examples:
-    >>> import evaluate, transformers_calm
-    >>> brierlm = evaluate.load(transformers_calm.BRIERLM_PATH)
+    >>> import evaluate
+    >>> brierlm = evaluate.load("<namespace>/brierlm")  # or evaluate.load(transformers_calm.BRIERLM_PATH)
     >>> results = brierlm.compute(
     ...     samples_1=[[5, 6, 7, 8], [1, 2, 3, 4], [3, 3, 3, 3]],
     ...     samples_2=[[5, 6, 7, 9], [1, 2, 9, 9], [3, 3, 3, 3]],
@@ -59,12 +64,15 @@ Examples:
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class BrierLM(evaluate.Metric):
+    """The BrierLM metric: Brier-1..max_n and BrierLM from two model samples and the reference at every position."""
+
     def _info(self):
         return evaluate.MetricInfo(
             module_type="metric",
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
+            # One row per evaluated position; each a token-id sequence of at least max_n tokens.
             features=datasets.Features(
                 {
                     "samples_1": datasets.Sequence(datasets.Value("int64")),
@@ -72,6 +80,7 @@ class BrierLM(evaluate.Metric):
                     "references": datasets.Sequence(datasets.Value("int64")),
                 }
             ),
+            codebase_urls=["https://github.com/shaochenze/calm"],
             reference_urls=["https://arxiv.org/abs/2510.27688", "https://github.com/shaochenze/calm"],
         )
 

@@ -1,6 +1,9 @@
-"""Steps shared by the training scripts in `examples/` (autoencoder, CALM, LoRA, Llama baseline): their common data
-and optimiser arguments, parsing them, loading the blocks, setting up logging, and the `run_clm`-style train / save /
-evaluate sequence."""
+"""Steps shared by the training scripts in `examples/` (autoencoder, CALM, LoRA, Llama baseline, demo): their common
+data and optimiser arguments, parsing them, loading the blocks, setting up logging, and the `run_clm`-style train /
+save / evaluate sequence.
+
+Example plumbing, not part of the package: the scripts import it as a sibling module (`python examples/x.py` puts
+`examples/` on `sys.path`)."""
 
 import logging
 import os
@@ -10,7 +13,7 @@ from dataclasses import dataclass, field
 import datasets
 import transformers
 
-from .data import load_blocks
+from transformers_calm.data import load_blocks
 
 
 @dataclass

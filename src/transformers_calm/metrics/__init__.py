@@ -1,1 +1,0 @@
-"""Metrics shipped with transformers_calm as `evaluate` modules (package data): see `brierlm/`."""

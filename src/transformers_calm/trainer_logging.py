@@ -1,0 +1,58 @@
+"""The one way both CALM trainers log the terms of their models' losses (`CalmTrainer`: the energy terms;
+`CalmAutoencoderTrainer`: reconstruction loss, KL and token accuracy)."""
+
+import torch
+
+__all__ = ["LossTermsLoggingMixin"]
+
+
+class LossTermsLoggingMixin:
+    """Mixin for a `transformers.Trainer` subclass (before `Trainer` among its bases): the fields of the model's
+    outputs named in `loss_terms` are logged beside the loss.
+
+    - Train logs (the periodic ones, which have a `loss`) gain each field, averaged over the micro-batches since the
+      previous log and over the processes (each micro-batch counts once, whatever its size). The subclass's
+      `compute_loss` hands every forward's outputs to [`_record_loss_terms`]; the sums stay on the device until the
+      log, so there is no synchronisation per step.
+    - Evaluation: [`_loss_term_columns`] repeats each field's batch mean once per sample of the batch, as the
+      Trainer does with `eval_loss`, for a `prediction_step` that returns per-sample statistics: their mean over the
+      evaluation set is then the mean over eval batches weighted by batch size, like `eval_loss`.
+    """
+
+    # Fields of the model's outputs (a `ModelOutput` / dict) to log; each a tensor whose mean is the batch's value.
+    loss_terms: tuple[str, ...] = ()
+    # Sums of the fields and the number of micro-batches since the previous train log (a float32 tensor), or None.
+    _loss_term_sums: torch.Tensor | None = None
+
+    def _record_loss_terms(self, model, outputs) -> None:
+        """Add the `loss_terms` of a training forward's `outputs` to the sums of the next train log (nothing in eval
+        mode, or when the outputs lack one of them)."""
+        if not model.training or not isinstance(outputs, dict):
+            return
+        values = [outputs.get(name) for name in self.loss_terms]
+        if not values or any(value is None for value in values):
+            return
+        terms = torch.stack(
+            [*(value.detach().float().mean() for value in values), torch.ones((), device=values[0].device)]
+        )
+        self._loss_term_sums = terms if self._loss_term_sums is None else self._loss_term_sums + terms
+
+    def _loss_term_columns(self, outputs, batch_size: int, names: tuple[str, ...] | None = None) -> list[torch.Tensor]:
+        """The batch mean of each of the `loss_terms` of `outputs` (or of `names`), repeated `batch_size` times
+        (float64)."""
+        return [outputs[name].detach().double().mean().expand(batch_size) for name in names or self.loss_terms]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the `loss_terms` to the periodic train logs (those with a `loss`), then logs as `Trainer.log`.
+
+        Args:
+            logs (`dict[str, float]`): the values to log.
+            start_time (`float`, *optional*): as in `Trainer.log`.
+        """
+        # The Trainer makes these logs on every process at the same step, so the reduction below runs in lockstep.
+        if "loss" in logs and self._loss_term_sums is not None:
+            sums = self.accelerator.reduce(self._loss_term_sums, reduction="sum").tolist()
+            for name, total in zip(self.loss_terms, sums[:-1], strict=True):
+                logs[name] = total / sums[-1]
+            self._loss_term_sums = None
+        super().log(logs, start_time)
