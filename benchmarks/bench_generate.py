@@ -229,7 +229,7 @@ class RegionTimer:
         for name, module in (("backbone", self.calm.model), ("head", self.calm.generative_head)):
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
             self._handles.append(module.register_forward_hook(self._post(name)))
-        self._wrap("decoder", "decode_chunk_tokens")
+        self._wrap("decoder", "decode_latents")
         self._wrap("choose_chunk", "sample_next_chunk")
         return self
 

@@ -276,7 +276,7 @@ def test_official_brier_values(official_calm, official_tensors, monkeypatch, tmp
     input_ids, latent = official_tensors[ids], official_tensors[latents]
     official = [official_tensors[f"{prefix}_brier{n}"].item() for n in range(1, MAX_N + 1)]
     with torch.no_grad():
-        decoded = official_calm.decode_chunk_tokens(latent[:2])  # (2, B * (N - 1), K)
+        decoded = official_calm.decode_latents(latent[:2])  # (2, B * (N - 1), K)
     references = input_ids[:, K:].reshape(-1, K)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fwd_eval's Brier-n are negative
@@ -410,7 +410,7 @@ def calm_joint_samples(model, block, chunk_position, span, num, seed) -> torch.L
     hidden = out.last_hidden_state[:, -1].expand(num, -1)
     chunks = []
     for step in range(span):
-        chunk = model.decode_chunk_tokens(model.generative_head(hidden, generator=generator))
+        chunk = model.decode_latents(model.generative_head(hidden, generator=generator))
         chunks.append(chunk)
         if step < span - 1:
             hidden = model.model(input_ids=chunk, cache=cache, use_cache=True).last_hidden_state[:, -1]

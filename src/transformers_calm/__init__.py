@@ -6,9 +6,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .brierlm import BRIERLM_PATH, load_brierlm
 from .configuration_calm import CalmConfig
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .generation_configuration_calm import CalmGenerationConfig
 from .model_card import create_model_card
-from .modeling_calm import CalmCausalLMOutputWithPast, CalmEnergyHead, CalmForCausalLM, CalmModel, CalmPreTrainedModel
+from .modeling_calm import CalmCausalLMOutputWithPast, CalmForCausalLM, CalmModel, CalmPreTrainedModel
 from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput
+from .modeling_energy_head import CalmEnergyHead
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,7 @@ __all__ = [
     "CalmConfig",
     "CalmEnergyHead",
     "CalmForCausalLM",
+    "CalmGenerationConfig",
     "CalmModel",
     "CalmPreTrainedModel",
     "CalmTrainer",

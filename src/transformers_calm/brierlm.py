@@ -246,7 +246,7 @@ def _chunks(count: int, size: int):
 
 def is_calm_model(model) -> bool:
     """True for CALM language models (this package's `CalmForCausalLM`, or the same class loaded as remote code)."""
-    return hasattr(model, "generative_head") and hasattr(model, "decode_chunk_tokens")
+    return hasattr(model, "generative_head") and hasattr(model, "decode_latents")
 
 
 @dataclass
@@ -508,7 +508,7 @@ def _calm_terms(model, input_ids, generators, max_n, positions, rows_per_pass) -
         ).last_hidden_state
 
     def sample_chunks(hidden, noise):
-        return model.decode_chunk_tokens(head(hidden, noise=noise))
+        return model.decode_latents(head(hidden, noise=noise))
 
     outputs = model.model(input_ids=input_ids, use_cache=steps > 0)
     hidden = outputs.last_hidden_state[:, :predicted]
