@@ -819,3 +819,64 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(method):
     for name, param in checkpointed.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("bad_id", [-1, -100, AE_KWARGS["vocab_size"], 10_000])
+def test_token_ids_outside_the_vocabulary_name_the_fix(bad_id):
+    """A raw IndexError from the embedding would say nothing; the error names the id, the vocabulary and the fix."""
+    model = tiny_model()
+    ids = make_ids(num_chunks=3)
+    ids[1, 4] = bad_id
+    message = rf"token id {bad_id}, outside the vocabulary \[0, {AE_KWARGS['vocab_size']}\).*tokenizer"
+    with pytest.raises(ValueError, match=message):
+        model(ids)
+    with pytest.raises(ValueError, match=message):
+        model(ids, labels=ids)
+    with pytest.raises(ValueError, match=message):
+        model.autoencoder.encode(ids)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids[:, :5], max_new_tokens=K)
+
+
+def test_labels_may_hold_ignore_index():
+    model = tiny_model()
+    ids = make_ids(num_chunks=3)
+    labels = ids.clone()
+    labels[:, -K:] = -100
+    assert torch.isfinite(model(ids, labels=labels).loss)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (2, 4 * K + 1), (1, 4 * K)])
+def test_attention_mask_must_be_per_token(shape):
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=4)
+    with pytest.raises(ValueError, match="attention_mask must have one entry per token.*chunk_attention_mask"):
+        model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
+
+
+def test_chunk_attention_mask_equals_the_token_mask_it_summarises():
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=4)
+    token_mask = torch.ones_like(ids)
+    token_mask[1, : 2 * K] = 0
+    chunk_mask = token_mask.unflatten(1, (-1, K)).any(-1).long()
+    with torch.no_grad():
+        by_token = model(ids, attention_mask=token_mask).last_hidden_state
+        by_chunk = model(ids, chunk_attention_mask=chunk_mask).last_hidden_state
+    torch.testing.assert_close(by_token[:, 2:], by_chunk[:, 2:], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, attention_mask=token_mask, chunk_attention_mask=chunk_mask)
+    with pytest.raises(ValueError, match="chunk_attention_mask must have one entry per chunk"):
+        model(ids, chunk_attention_mask=token_mask)
+
+
+def test_output_attentions_come_back():
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    out = model(make_ids(num_chunks=3), output_attentions=True)
+    assert len(out.attentions) == TINY_BACKBONE["num_hidden_layers"]
+    assert out.attentions[0].shape[-2:] == (3, 3)

@@ -70,6 +70,8 @@ class CalmCausalLMOutputWithPast(ModelOutput):
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             The backbone's hidden states as transformers returns them: the input vectors, then the output of each
             layer; the last one after the final norm. One position per chunk.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The backbone's attention weights, one tensor per layer, over chunk positions.
     """
 
     loss: torch.FloatTensor | None = None
@@ -78,6 +80,7 @@ class CalmCausalLMOutputWithPast(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class CalmPreTrainedModel(PreTrainedModel):
@@ -190,12 +193,13 @@ class CalmModel(CalmPreTrainedModel):
         if attention_mask is not None and chunk_attention_mask is not None:
             raise ValueError("Pass attention_mask (one entry per token) or chunk_attention_mask (per chunk), not both.")
         K = self.config.patch_size
-        num_chunks = input_ids.shape[1] // K if inputs_embeds is None else inputs_embeds.shape[1]
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        batch_size, num_chunks = inputs.shape[0], inputs.shape[1] // K if inputs_embeds is None else inputs.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[1] != (past + num_chunks) * K:
+            if attention_mask.shape != (batch_size, (past + num_chunks) * K):
                 raise ValueError(
-                    f"attention_mask must have one entry per token, past included: shape (batch_size, "
+                    f"attention_mask must have one entry per token, past included: shape ({batch_size}, "
                     f"{(past + num_chunks) * K}) for {past} cached and {num_chunks} new chunks of K = {K}, got "
                     f"{tuple(attention_mask.shape)}. For one entry per chunk pass chunk_attention_mask instead."
                 )
@@ -203,9 +207,9 @@ class CalmModel(CalmPreTrainedModel):
             chunk_attention_mask = attention_mask.unflatten(1, (-1, K)).any(-1).to(attention_mask.dtype)
         else:
             token_mask = None
-            if chunk_attention_mask is not None and chunk_attention_mask.shape[-1] != past + num_chunks:
+            if chunk_attention_mask is not None and chunk_attention_mask.shape != (batch_size, past + num_chunks):
                 raise ValueError(
-                    f"chunk_attention_mask must have one entry per chunk, past included: shape (batch_size, "
+                    f"chunk_attention_mask must have one entry per chunk, past included: shape ({batch_size}, "
                     f"{past + num_chunks}), got {tuple(chunk_attention_mask.shape)}."
                 )
         if inputs_embeds is None:
@@ -375,6 +379,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
             last_hidden_state=hidden_states,
             cache=outputs.cache if use_cache else None,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
