@@ -118,12 +118,9 @@ def build_models(args, device: torch.device, dtype: torch.dtype, max_tokens: int
         "pad_token_id": None,
     }
     torch.manual_seed(args.seed)
+    # The same backbone config for both; CALM's positions count chunks.
     calm_config = CalmConfig(
-        **backbone,
-        max_position_embeddings=-(-max_tokens // args.patch_size),  # positions count chunks
-        patch_size=args.patch_size,
-        latent_size=args.latent_size,
-        num_mlp_layers=args.num_mlp_layers,
+        backbone_config=LlamaConfig(**backbone, max_position_embeddings=-(-max_tokens // args.patch_size)),
         autoencoder_config={
             "vocab_size": args.vocab_size,
             "patch_size": args.patch_size,
@@ -131,6 +128,7 @@ def build_models(args, device: torch.device, dtype: torch.dtype, max_tokens: int
             "hidden_size": args.ae_hidden_size,
             "intermediate_size": args.ae_intermediate_size,
         },
+        num_mlp_layers=args.num_mlp_layers,
     )
     calm = CalmForCausalLM._from_config(calm_config, attn_implementation="sdpa")
     # The head's last layer starts at zero (every sample the same latent); a trained head's samples differ, and
@@ -229,7 +227,7 @@ class RegionTimer:
         for name, module in (("backbone", self.calm.model), ("head", self.calm.generative_head)):
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
             self._handles.append(module.register_forward_hook(self._post(name)))
-        self._wrap("decoder", "decode_chunk_tokens")
+        self._wrap("decoder", "decode_latents")
         self._wrap("choose_chunk", "sample_next_chunk")
         return self
 

@@ -35,7 +35,7 @@ from scripts import (  # examples/scripts.py: the script's directory is on sys.p
     train_and_evaluate,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, default_data_collator, set_seed
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, default_data_collator, set_seed
 
 from transformers_calm import (
     CalmAutoencoder,
@@ -277,15 +277,16 @@ def train_calm_stage(args, data_paths):
     autoencoder = CalmAutoencoder.from_pretrained(ae_dir)
     tokenizer = AutoTokenizer.from_pretrained(ae_dir)
     set_seed(args.seed)
-    model = CalmForCausalLM.from_autoencoder(
-        autoencoder,
+    backbone_config = LlamaConfig(
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
         num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_attention_heads,
-        max_position_embeddings=args.block_size // args.patch_size,
-        num_mlp_layers=args.num_mlp_layers,
+        max_position_embeddings=args.block_size // args.patch_size,  # positions count chunks
+        rms_norm_eps=1e-6,
+    )
+    model = CalmForCausalLM.from_autoencoder(
+        autoencoder, backbone_config=backbone_config, num_mlp_layers=args.num_mlp_layers
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"CalmForCausalLM: {trainable / 1e6:.2f}M trainable parameters (the autoencoder is frozen)")
@@ -312,7 +313,7 @@ def generation_stage(model, tokenizer, heldout_docs, args):
     if prompt is None:  # the first ~24 words of the first held-out document
         prompt = " ".join(heldout_docs[0].split()[:24])
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    context = model.config.max_position_embeddings * model.config.patch_size
+    context = model.config.max_tokens
     if input_ids.shape[1] + args.max_new_tokens > context:  # keep the prompt's end: the model's context is full
         input_ids = input_ids[:, -(context - args.max_new_tokens) :]
         prompt = tokenizer.decode(input_ids[0], skip_special_tokens=True)

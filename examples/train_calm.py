@@ -48,7 +48,7 @@ from scripts import (  # examples/scripts.py: the script's directory is on sys.p
     setup_logging,
     train_and_evaluate,
 )
-from transformers import AutoTokenizer, HfArgumentParser, default_data_collator, set_seed
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, default_data_collator, set_seed
 
 from transformers_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
 from transformers_calm.data import PACKINGS
@@ -79,6 +79,10 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Continue from a saved CalmForCausalLM (its shape arguments below are then ignored)."},
+    )
+    backbone_type: str = field(
+        default="llama",
+        metadata={"help": "transformers model type of the decoder backbone (llama, qwen3, mistral, ...)."},
     )
     hidden_size: int = field(default=1024, metadata={"help": "Backbone width."})
     intermediate_size: int = field(default=2752, metadata={"help": "Backbone MLP width."})
@@ -213,20 +217,26 @@ def main(argv=None):
     set_seed(training_args.seed)
     if model_args.model_name_or_path:
         model = CalmForCausalLM.from_pretrained(model_args.model_name_or_path)
-        if model.config.max_position_embeddings < num_chunks:
+        if model.config.max_chunks < num_chunks:
             raise ValueError(
-                f"block_size {data_args.block_size} is {num_chunks} chunks, more than the model's "
-                f"max_position_embeddings ({model.config.max_position_embeddings})."
+                f"block_size {data_args.block_size} is {num_chunks} chunks, more than the model's context of "
+                f"{model.config.max_chunks} chunks (its backbone's max_position_embeddings)."
             )
     else:
-        model = CalmForCausalLM.from_autoencoder(
-            autoencoder,
+        backbone_config = AutoConfig.for_model(
+            model_args.backbone_type,
             hidden_size=model_args.hidden_size,
             intermediate_size=model_args.intermediate_size,
             num_hidden_layers=model_args.num_hidden_layers,
             num_attention_heads=model_args.num_attention_heads,
             num_key_value_heads=model_args.num_key_value_heads,
-            max_position_embeddings=model_args.max_position_embeddings or num_chunks,
+            head_dim=model_args.hidden_size // model_args.num_attention_heads,
+            max_position_embeddings=model_args.max_position_embeddings or num_chunks,  # positions count chunks
+            rms_norm_eps=1e-6,  # the official CALM backbone's
+        )
+        model = CalmForCausalLM.from_autoencoder(
+            autoencoder,
+            backbone_config=backbone_config,
             num_mlp_layers=model_args.num_mlp_layers,
             noise_size=model_args.noise_size,
             num_samples=model_args.num_samples,

@@ -41,10 +41,11 @@ def tiny_calm_config(
     backbone fields of `TINY_BACKBONE` (e.g. `max_position_embeddings`), `backbone_type` the transformers model type of
     the backbone, `head` the head and loss fields of `TINY_HEAD`."""
     ae = {**TINY_AUTOENCODER, **(autoencoder or {})}
-    if backbone_type != "llama":
-        raise NotImplementedError("only Llama backbones for now")
-    shared = {name: ae.get(name) for name in ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")}
-    return CalmConfig(**shared, **TINY_BACKBONE, **(backbone or {}), **{**TINY_HEAD, **head}, autoencoder_config=ae)
+    return CalmConfig(
+        backbone_config={"model_type": backbone_type, **TINY_BACKBONE, **(backbone or {})},
+        autoencoder_config=ae,
+        **{**TINY_HEAD, **head},
+    )
 
 
 def randomize_head(model: CalmForCausalLM, weight_std: float = 0.5, bias_std: float = 0.5) -> CalmForCausalLM:

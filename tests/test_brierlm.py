@@ -442,7 +442,7 @@ def test_official_brier_values(official_calm, official_tensors, monkeypatch, tmp
     input_ids, latent = official_tensors[ids], official_tensors[latents]
     official = [official_tensors[f"{prefix}_brier{n}"].item() for n in range(1, MAX_N + 1)]
     with torch.no_grad():
-        decoded = official_calm.decode_chunk_tokens(latent[:2])  # (2, B * (N - 1), K)
+        decoded = official_calm.decode_latents(latent[:2])  # (2, B * (N - 1), K)
     references = input_ids[:, K:].reshape(-1, K)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fwd_eval's Brier-n are negative

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
-from common import TINY_LM
+from factories import TINY_BACKBONE, TINY_HEAD, randomize_head, tiny_calm_config
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, LlamaConfig
 from transformers.cache_utils import Cache
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -24,14 +24,19 @@ from transformers_calm import (
     CalmModel,
     modeling_calm,
 )
-from transformers_calm.modeling_calm import energy_score_terms
+from transformers_calm.modeling_energy_head import energy_score_terms
 
 K = 3  # tokens per chunk; deliberately not 2 or 4
-AE_KWARGS = {"vocab_size": 61, "patch_size": K, "latent_size": 6, "hidden_size": 16, "intermediate_size": 24}
-LM_KWARGS = {
-    **TINY_LM,
+AE_KWARGS = {
+    "vocab_size": 61,
+    "patch_size": K,
+    "latent_size": 6,
+    "hidden_size": 16,
+    "intermediate_size": 24,
     "pad_token_id": 0,
 }
+LM_KWARGS = {**TINY_BACKBONE, **TINY_HEAD}  # hidden_size and noise_size as the tests read them
+HEAD_FIELDS = {"num_mlp_layers", "noise_size", "num_samples", "num_targets", "energy_alpha"}
 AUTO_MAP = {
     "AutoConfig": "configuration_calm.CalmConfig",
     "AutoModel": "modeling_calm.CalmModel",
@@ -46,18 +51,9 @@ MODULE_FILES = (
 
 
 def tiny_config(autoencoder=None, **overrides) -> CalmConfig:
-    ae = {**AE_KWARGS, **(autoencoder or {})}
-    shared = {name: ae[name] for name in ("vocab_size", "patch_size", "latent_size")}
-    return CalmConfig(**{**shared, **LM_KWARGS, **overrides}, autoencoder_config=ae)
-
-
-def randomize_head(model: CalmForCausalLM) -> CalmForCausalLM:
-    """The head's output layer starts at zero (all samples coincide); give it weights so that samples differ."""
-    with torch.no_grad():
-        last = model.generative_head.final_layer.linears[-1]
-        last.weight.normal_(0.0, 0.5)
-        last.bias.normal_(0.0, 0.5)
-    return model
+    """A tiny Llama-backed CalmConfig; `overrides` are head/loss fields or backbone fields."""
+    head = {name: overrides.pop(name) for name in list(overrides) if name in HEAD_FIELDS}
+    return tiny_calm_config(autoencoder={**AE_KWARGS, **(autoencoder or {})}, backbone=overrides, **head)
 
 
 def tiny_model(seed=0, random_head=True, **overrides) -> CalmForCausalLM:
@@ -117,8 +113,9 @@ def saved_model(tmp_path_factory):
     ("name", "lm_value", "ae_value"), [("patch_size", 3, 2), ("latent_size", 6, 5), ("vocab_size", 61, 67)]
 )
 def test_config_must_match_autoencoder(name, lm_value, ae_value):
-    with pytest.raises(ValueError, match=rf"{name}.*\({lm_value}\).*\({ae_value}\)"):
-        tiny_config(autoencoder={name: ae_value}, **{name: lm_value})
+    """The autoencoder defines K, l and the vocabulary; a flat value (configs before backbone_config) must agree."""
+    with pytest.raises(ValueError, match=rf"{name} \({lm_value}\) differs from the autoencoder's \({ae_value}\)"):
+        CalmConfig(autoencoder_config={**AE_KWARGS, name: ae_value}, **{name: lm_value})
 
 
 @pytest.mark.parametrize(
@@ -142,11 +139,30 @@ def test_config_accepts_boundary_energy_settings():
     assert (config.num_samples, config.energy_alpha) == (2, 1.99)
 
 
-def test_config_default_autoencoder_follows_language_model():
-    config = CalmConfig(vocab_size=77, patch_size=5, latent_size=9, pad_token_id=3)
-    ae = config.autoencoder_config
-    assert isinstance(ae, CalmAutoencoderConfig)
-    assert (ae.vocab_size, ae.patch_size, ae.latent_size, ae.pad_token_id) == (77, 5, 9, 3)
+def test_config_single_source_of_truth():
+    """K, l, vocabulary and special tokens are the autoencoder's; the backbone's vocabulary and pad follow it."""
+    config = tiny_config(autoencoder={"vocab_size": 77, "patch_size": 5, "latent_size": 9, "pad_token_id": 3})
+    ae, backbone = config.autoencoder_config, config.backbone_config
+    assert isinstance(ae, CalmAutoencoderConfig) and isinstance(backbone, LlamaConfig)
+    assert (config.vocab_size, config.patch_size, config.latent_size, config.pad_token_id) == (77, 5, 9, 3)
+    assert (backbone.vocab_size, backbone.pad_token_id) == (77, 3)
+    for name in ("vocab_size", "patch_size", "latent_size"):
+        with pytest.raises(AttributeError):
+            setattr(config, name, 1)
+    config.eos_token_id = 4  # as tokenizers and pipelines do: it lands on the autoencoder
+    assert ae.eos_token_id == 4 and "eos_token_id" not in config.to_diff_dict()
+    assert CalmConfig.from_dict(config.to_dict()).autoencoder_config.eos_token_id == 4
+
+
+def test_config_default_is_a_llama_backbone_and_the_default_autoencoder():
+    config = CalmConfig()
+    assert type(config.backbone_config) is LlamaConfig and config.hidden_size == 768
+    assert config.autoencoder_config.to_dict() == CalmAutoencoderConfig().to_dict()
+
+
+def test_config_rejects_an_encoder_decoder_backbone():
+    with pytest.raises(ValueError, match="decoder-only"):
+        CalmConfig(backbone_config={"model_type": "t5"})
 
 
 def test_config_save_load_roundtrip(tmp_path):
@@ -165,16 +181,34 @@ def test_config_save_load_roundtrip(tmp_path):
         }
 
 
-def test_config_accepts_official_rope_theta(tmp_path):
-    config = tiny_config(rope_theta=500.0)
-    assert config.rope_parameters["rope_theta"] == 500.0
+def test_flat_config_of_the_previous_release_becomes_a_llama_backbone(tmp_path):
+    """Configs written before `backbone_config` (flat Llama fields, the official `rope_theta`) still load."""
+    flat = {
+        "vocab_size": 61,
+        "patch_size": K,
+        "latent_size": 6,
+        "pad_token_id": 0,
+        **TINY_BACKBONE,
+        "max_position_embeddings": 64,
+        "rope_theta": 500.0,
+        "pretraining_tp": 1,
+        **TINY_HEAD,
+        "autoencoder_config": {k: v for k, v in AE_KWARGS.items() if k != "pad_token_id"},
+    }
+    config = CalmConfig(**flat)
+    assert type(config.backbone_config) is LlamaConfig
+    assert config.backbone_config.rope_parameters["rope_theta"] == 500.0
+    assert config.backbone_config.max_position_embeddings == 64 and config.max_tokens == 64 * K
+    assert config.pad_token_id == 0  # an old config kept it beside the autoencoder's None
     config.save_pretrained(tmp_path)
-    assert CalmConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 500.0
+    assert CalmConfig.from_pretrained(tmp_path).backbone_config.rope_parameters["rope_theta"] == 500.0
     # and the backbone uses it
     model = CalmForCausalLM(config)
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = config.hidden_size // config.backbone_config.num_attention_heads
     expected = 1.0 / 500.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     torch.testing.assert_close(model.model.backbone.rotary_emb.inv_freq, expected)
+    with pytest.raises(ValueError, match="next to backbone_config"):
+        CalmConfig(backbone_config=LlamaConfig(), hidden_size=32)
 
 
 def test_calm_is_not_a_native_transformers_model_type():
@@ -318,7 +352,7 @@ def test_incremental_forward_matches_full_forward(attn_implementation):
     ids = make_ids(batch=2, num_chunks=6)
     with torch.no_grad():
         full = model(ids).last_hidden_state
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config.backbone_config)
         out = model(ids[:, : 2 * K], cache=cache, use_cache=True)
         steps = [out.last_hidden_state]
         for i in range(2, 6):
@@ -553,7 +587,7 @@ def test_from_autoencoder_with_kwargs():
     lm_kwargs = {k: v for k, v in LM_KWARGS.items() if k != "pad_token_id"}
     model = CalmForCausalLM.from_autoencoder(ae, **lm_kwargs)
     config = model.config
-    assert (config.hidden_size, config.num_hidden_layers, config.num_samples) == (32, 2, 4)
+    assert (config.hidden_size, config.backbone_config.num_hidden_layers, config.num_samples) == (32, 2, 4)
     assert (config.vocab_size, config.patch_size, config.latent_size) == (61, K, 6)
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 1, 2)
     assert type(config.autoencoder_config) is CalmAutoencoderConfig
@@ -586,9 +620,10 @@ def test_from_autoencoder_rejects_mismatch(mismatch):
     name = next(iter(mismatch))
     with pytest.raises(ValueError, match=name):
         CalmForCausalLM.from_autoencoder(ae, **mismatch)
-    config = CalmConfig(**{"vocab_size": 61, "patch_size": K, "latent_size": 6, **LM_KWARGS, **mismatch})
-    with pytest.raises(ValueError, match=name):
-        CalmForCausalLM.from_autoencoder(ae, config=config)
+    # A whole config gets the autoencoder's config: K, l and the vocabulary are the autoencoder's.
+    config = tiny_config(autoencoder=mismatch)
+    model = CalmForCausalLM.from_autoencoder(ae, config=config)
+    assert getattr(model.config, name) == getattr(ae.config, name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -784,3 +819,64 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(method):
     for name, param in checkpointed.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("bad_id", [-1, -100, AE_KWARGS["vocab_size"], 10_000])
+def test_token_ids_outside_the_vocabulary_name_the_fix(bad_id):
+    """A raw IndexError from the embedding would say nothing; the error names the id, the vocabulary and the fix."""
+    model = tiny_model()
+    ids = make_ids(num_chunks=3)
+    ids[1, 4] = bad_id
+    message = rf"token id {bad_id}, outside the vocabulary \[0, {AE_KWARGS['vocab_size']}\).*tokenizer"
+    with pytest.raises(ValueError, match=message):
+        model(ids)
+    with pytest.raises(ValueError, match=message):
+        model(ids, labels=ids)
+    with pytest.raises(ValueError, match=message):
+        model.autoencoder.encode(ids)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids[:, :5], max_new_tokens=K)
+
+
+def test_labels_may_hold_ignore_index():
+    model = tiny_model()
+    ids = make_ids(num_chunks=3)
+    labels = ids.clone()
+    labels[:, -K:] = -100
+    assert torch.isfinite(model(ids, labels=labels).loss)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (2, 4 * K + 1), (1, 4 * K)])
+def test_attention_mask_must_be_per_token(shape):
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=4)
+    with pytest.raises(ValueError, match="attention_mask must have one entry per token.*chunk_attention_mask"):
+        model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
+
+
+def test_chunk_attention_mask_equals_the_token_mask_it_summarises():
+    model = tiny_model()
+    ids = make_ids(batch=2, num_chunks=4)
+    token_mask = torch.ones_like(ids)
+    token_mask[1, : 2 * K] = 0
+    chunk_mask = token_mask.unflatten(1, (-1, K)).any(-1).long()
+    with torch.no_grad():
+        by_token = model(ids, attention_mask=token_mask).last_hidden_state
+        by_chunk = model(ids, chunk_attention_mask=chunk_mask).last_hidden_state
+    torch.testing.assert_close(by_token[:, 2:], by_chunk[:, 2:], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, attention_mask=token_mask, chunk_attention_mask=chunk_mask)
+    with pytest.raises(ValueError, match="chunk_attention_mask must have one entry per chunk"):
+        model(ids, chunk_attention_mask=token_mask)
+
+
+def test_output_attentions_come_back():
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    out = model(make_ids(num_chunks=3), output_attentions=True)
+    assert len(out.attentions) == TINY_BACKBONE["num_hidden_layers"]
+    assert out.attentions[0].shape[-2:] == (3, 3)

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
 
 from transformers_calm import CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
 from transformers_calm.convert_official import convert_calm, main
-from transformers_calm.modeling_calm import energy_score_terms
+from transformers_calm.modeling_energy_head import energy_score_terms
 
 ATOL = 1e-5
 B, N, K, L = 2, 4, 4, 16  # batch, chunks, tokens per chunk, latent size of the fixtures
@@ -137,10 +138,13 @@ def test_converted_directory_and_config(converted_dir, converted):
     config = converted.config
     assert type(config) is CalmConfig and type(config.autoencoder_config) is CalmAutoencoderConfig
     assert (config.vocab_size, config.patch_size, config.latent_size, config.hidden_size) == (512, K, L, 64)
-    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (2, 4, 4)
+    backbone = config.backbone_config
+    assert type(backbone) is LlamaConfig
+    assert (backbone.num_hidden_layers, backbone.num_attention_heads, backbone.num_key_value_heads) == (2, 4, 4)
+    assert (backbone.vocab_size, backbone.pad_token_id) == (512, 511)
     assert (config.num_mlp_layers, config.noise_size, config.num_samples, config.num_targets) == (2, 64, 8, 100)
     assert config.energy_alpha == 1.0
-    assert config.rope_parameters["rope_theta"] == 10000.0
+    assert backbone.rope_parameters["rope_theta"] == 10000.0
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (511, 508, 509)
     ae = config.autoencoder_config
     assert (ae.hidden_size, ae.intermediate_size, ae.num_encoder_layers, ae.num_decoder_layers) == (64, 96, 2, 2)

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import torch
-from common import TINY_LM
+from factories import scale_head, tiny_calm
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from transformers_calm import CalmConfig, CalmForCausalLM, modeling_calm
+from transformers_calm import CalmForCausalLM, sampling
 from transformers_calm.compat import CACHE_NAME
 
 K = 3  # tokens per chunk; deliberately not a power of two
@@ -37,28 +37,9 @@ PAD = 0
 
 
 def tiny_lm(seed: int = 0, vocab_size: int = VOCAB, patch_size: int = K, head_gain: float = 2.0) -> CalmForCausalLM:
-    ae = {
-        "vocab_size": vocab_size,
-        "patch_size": patch_size,
-        "latent_size": 4,
-        "hidden_size": 16,
-        "intermediate_size": 24,
-    }
-    config = CalmConfig(
-        vocab_size=vocab_size,
-        patch_size=patch_size,
-        latent_size=4,
-        **TINY_LM,
-        pad_token_id=PAD,
-        autoencoder_config=ae,
-    )
-    torch.manual_seed(seed)
-    model = CalmForCausalLM(config).eval()
-    with torch.no_grad():
-        for module in model.generative_head.modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=head_gain / math.sqrt(module.in_features))
-    return model
+    autoencoder = {"vocab_size": vocab_size, "patch_size": patch_size, "latent_size": 4, "hidden_size": 16,
+                   "intermediate_size": 24, "pad_token_id": PAD}
+    return scale_head(tiny_calm(seed, autoencoder=autoencoder, random_head=False), head_gain)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +53,9 @@ def test_tiny_model_is_random_and_context_dependent(model):
     contexts = torch.randint(1, VOCAB, (40, 2 * K), generator=seeded(0))
     hidden = model.model(input_ids=contexts).last_hidden_state[:, -1]
     noise = torch.rand(model.config.noise_size, generator=seeded(1)) - 0.5
-    by_context = model.decode_chunk_tokens(model.generative_head(hidden, noise=noise.expand(40, -1)))
+    by_context = model.decode_latents(model.generative_head(hidden, noise=noise.expand(40, -1)))
     assert len(by_context.unique(dim=0)) >= 5
-    by_noise = model.decode_chunk_tokens(model.generative_head(hidden[:1].expand(40, -1), generator=seeded(2)))
+    by_noise = model.decode_latents(model.generative_head(hidden[:1].expand(40, -1), generator=seeded(2)))
     assert len(by_noise.unique(dim=0)) >= 5
 
 
@@ -161,8 +142,8 @@ def test_max_length_form_and_precedence(model):
     assert model.generate(ids, max_length=12).shape == (1, 12)  # 7 new tokens, not a multiple of K
     assert model.generate(ids, max_length=12, max_new_tokens=4).shape == (1, 9)  # max_new_tokens wins
     assert model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2)).shape == (1, 7)
-    default = model.generate(ids)
-    assert default.shape == (1, 5 + modeling_calm.DEFAULT_MAX_NEW_TOKENS)
+    default = model.generate(ids)  # transformers' default: 20 new tokens, as for any causal LM
+    assert default.shape == (1, 5 + GenerationConfig._get_default_generation_params()["max_length"])
 
 
 def test_model_generation_config_is_the_default(model):
@@ -183,13 +164,13 @@ def test_explicit_generation_config_inherits_model_defaults(monkeypatch):
     model.generation_config.temperature = 0.5
     model.generation_config.num_candidates = 17
     seen = []
-    original = modeling_calm.batch_temperature_sample
+    original = sampling.batch_temperature_sample
 
     def spy(candidates, temperature, generator=None):
         seen.append((candidates.shape[0], temperature))
         return original(candidates, temperature, generator=generator)
 
-    monkeypatch.setattr(modeling_calm, "batch_temperature_sample", spy)
+    monkeypatch.setattr(sampling, "batch_temperature_sample", spy)
     model.generate(prompt(3), generation_config=GenerationConfig(max_new_tokens=K))
     assert seen == [(17, 0.5)]
     seen.clear()
@@ -370,16 +351,16 @@ def test_generation_ends_when_every_row_has_finished(model, monkeypatch):
     calls = count_backbone_calls(monkeypatch, model)
     out = model.generate(ids, max_new_tokens=max_new, generator=seeded(seed), eos_token_id=eos)
     chunks = first // K + 1
-    assert out.shape == (1, width + chunks * K) and out.shape[1] < width + max_new
-    assert torch.equal(out[0, : width + first + 1], reference[0, : width + first + 1])
-    # Without pad_token_id, finished positions are filled with the model's pad id.
-    assert (out[0, width + first + 1 :] == PAD).all()
+    # As a token-level model: the sequence ends at the EOS, even in the middle of a chunk.
+    assert out.shape == (1, width + first + 1)
+    assert torch.equal(out[0], reference[0, : width + first + 1])
     assert len(calls) == chunks  # prefill + one step per further chunk, none after the EOS chunk
 
 
 def test_pad_defaults_to_eos_when_the_model_has_none():
     model = tiny_lm()
-    model.config.pad_token_id = None
+    model.config.pad_token_id = None  # the autoencoder's, which the config reads
+    assert model.config.autoencoder_config.pad_token_id is None
     model.generation_config.pad_token_id = None
     ids, mask = left_pad([prompt(6, seed=7)[0], prompt(4, seed=8)[0]])
     seed, eos, first, _ = find_eos_case(model, ids, mask, 4 * K)
@@ -387,13 +368,18 @@ def test_pad_defaults_to_eos_when_the_model_has_none():
     assert (out[0, ids.shape[1] + first :] == eos).all()
 
 
-def test_stopping_criteria_without_any_pad_id_raise():
+def test_stopping_criteria_without_eos_do_not_pad():
+    """As transformers' sampling loop: without an EOS, rows stopped by a criterion are not padded; they keep their
+    samples until the last row stops."""
     model = tiny_lm()
     model.config.pad_token_id = None
     model.generation_config.pad_token_id = None
-    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length=6)])
-    with pytest.raises(ValueError, match="pad_token_id"):
-        model.generate(prompt(3), max_new_tokens=6, stopping_criteria=criteria)
+    ids, mask = left_pad([prompt(5, seed=11)[0], prompt(3, seed=12)[0]])
+    width = ids.shape[1]
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=4 * K, generator=seeded(4))
+    criteria = StoppingCriteriaList([StopAfterNewTokens(width, [1, K + 1])])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4 * K, generator=seeded(4), stopping_criteria=criteria)
+    assert torch.equal(out, reference[:, : width + K + 1])
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -443,12 +429,12 @@ def test_stopping_criteria_stop_rows_separately(model):
         generator=seeded(4),
         stopping_criteria=StoppingCriteriaList([criterion]),
     )
-    # Row 1 needs 2K + 1 new tokens: it stops after the third chunk; generation ends there.
-    assert out.shape == (2, width + 3 * K)
-    assert torch.equal(out[0, : width + K], reference[0, : width + K])
-    assert (out[0, width + K :] == PAD).all()
-    assert torch.equal(out[1], reference[1, : width + 3 * K])
-    assert len(criterion.seen_scores) == 3 and all(s is None for s in criterion.seen_scores)
+    # Row 1 needs 2K + 1 new tokens: generation ends right there, inside the third chunk. Without an EOS the model
+    # does not pad finished rows (as transformers' loop): row 0 keeps its samples.
+    assert out.shape == (2, width + 2 * K + 1)
+    assert torch.equal(out, reference[:, : width + 2 * K + 1])
+    # The criteria see every new token, with no scores.
+    assert len(criterion.seen_scores) == 2 * K + 1 and all(s is None for s in criterion.seen_scores)
 
 
 def test_transformers_max_length_criteria(model):
@@ -542,7 +528,7 @@ def test_temperature_one_draws_one_sample_per_row(model, monkeypatch):
     """T = 1 (the default) decodes a single head sample per row: no sampler is involved."""
     used = []
     for name in ("batch_temperature_sample", "exact_temperature_sample", "mode_sample"):
-        monkeypatch.setattr(modeling_calm, name, lambda *a, _name=name, **k: used.append(_name))
+        monkeypatch.setattr(sampling, name, lambda *a, _name=name, **k: used.append(_name))
     sizes = []
     original = model.generative_head.forward
 
@@ -559,13 +545,13 @@ def test_temperature_one_draws_one_sample_per_row(model, monkeypatch):
 
 def test_batch_approximation_uses_num_candidates(model, monkeypatch):
     seen = []
-    original = modeling_calm.batch_temperature_sample
+    original = sampling.batch_temperature_sample
 
     def spy(candidates, temperature, generator=None):
         seen.append((candidates.shape, temperature))
         return original(candidates, temperature, generator=generator)
 
-    monkeypatch.setattr(modeling_calm, "batch_temperature_sample", spy)
+    monkeypatch.setattr(sampling, "batch_temperature_sample", spy)
     out = model.generate(prompt(4, batch=3), max_new_tokens=2 * K, temperature=0.5, num_candidates=17)
     assert out.shape == (3, 4 + 2 * K)
     assert seen == [(torch.Size([17, 3, K]), 0.5)] * 2
@@ -573,14 +559,14 @@ def test_batch_approximation_uses_num_candidates(model, monkeypatch):
 
 def test_exact_temperature_switch(model, monkeypatch):
     seen = []
-    original = modeling_calm.exact_temperature_sample
+    original = sampling.exact_temperature_sample
 
     def spy(draw, temperature, generator=None, max_draws=10_000):
         result = original(draw, temperature, generator=generator, max_draws=max_draws)
         seen.append((temperature, max_draws, result))
         return result
 
-    monkeypatch.setattr(modeling_calm, "exact_temperature_sample", spy)
+    monkeypatch.setattr(sampling, "exact_temperature_sample", spy)
     ids = prompt(4, batch=2)
     out = model.generate(
         ids, max_new_tokens=2 * K, temperature=0.45, exact_temperature=True, max_draws=500, generator=seeded(9)
@@ -599,8 +585,8 @@ def test_exact_temperature_switch(model, monkeypatch):
 def test_do_sample_false_is_deterministic_given_the_global_seed(model, monkeypatch):
     ids, mask = left_pad([prompt(4, seed=16)[0], prompt(2, seed=17)[0]])
     used = []
-    original = modeling_calm.mode_sample
-    monkeypatch.setattr(modeling_calm, "mode_sample", lambda c: used.append(c.shape) or original(c))
+    original = sampling.mode_sample
+    monkeypatch.setattr(sampling, "mode_sample", lambda c: used.append(c.shape) or original(c))
     torch.manual_seed(123)
     first = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, num_candidates=50)
     torch.manual_seed(123)

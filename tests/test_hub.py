@@ -50,7 +50,15 @@ AE_AUTO_MAP = {
 # The model code a repository needs: the configuration and modeling files and the modules modeling_calm.py imports
 # relatively (transitively). No Hub code (hub.py, model_card.py): that is the package's, not the checkpoint's.
 AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py"}
-CALM_MODULES = AE_MODULES | {"compat.py", "configuration_calm.py", "modeling_calm.py", "sampling.py"}
+CALM_MODULES = AE_MODULES | {
+    "compat.py",
+    "configuration_calm.py",
+    "generation_calm.py",
+    "generation_configuration_calm.py",
+    "modeling_calm.py",
+    "modeling_energy_head.py",
+    "sampling.py",
+}
 CALM_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors"} | CALM_MODULES
 AE_FILES = {"README.md", "config.json", "model.safetensors"} | AE_MODULES
 HUB_MODULES = {"hub.py", "model_card.py"}
@@ -393,7 +401,7 @@ def test_no_private_transformers_method_is_overridden():
         mro = model_class.__mro__
         assert mro.index(CalmHubMixin) < mro.index(PreTrainedModel)
         ours = [cls for cls in mro if cls.__module__.startswith("transformers_calm")]
-        assert ours[-1] is CalmHubMixin
+        assert mro[mro.index(PreTrainedModel) - 1] is CalmHubMixin
         for cls in ours:
             assert not set(vars(cls)) & hub_private, cls
         assert model_class.save_pretrained is CalmHubMixin.save_pretrained

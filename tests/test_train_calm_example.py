@@ -154,7 +154,7 @@ def test_train_calm_end_to_end(workdir):
     # Saved: a CALM that loads with the Auto class, with the autoencoder's weights and the tokenizer.
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     assert isinstance(model, CalmForCausalLM)
-    assert model.config.hidden_size == 32 and model.config.max_position_embeddings == BLOCK_SIZE // K
+    assert model.config.hidden_size == 32 and model.config.max_chunks == BLOCK_SIZE // K
     saved_ae = CalmAutoencoder.from_pretrained(workdir / "autoencoder").state_dict()
     assert all(torch.equal(model.autoencoder.state_dict()[name], value) for name, value in saved_ae.items())
     trained = trainer.model.state_dict()

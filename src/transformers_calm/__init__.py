@@ -6,10 +6,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .brierlm import BRIERLM_PATH, load_brierlm
 from .configuration_calm import CalmConfig
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .generation_configuration_calm import CalmGenerationConfig
 from .hub import enable_hub_features
 from .model_card import create_model_card
-from .modeling_calm import CalmCausalLMOutputWithPast, CalmEnergyHead, CalmForCausalLM, CalmModel, CalmPreTrainedModel
+from .modeling_calm import CalmCausalLMOutputWithPast, CalmForCausalLM, CalmModel, CalmPreTrainedModel
 from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput, CalmAutoencoderPreTrainedModel
+from .modeling_energy_head import CalmEnergyHead
 
 __version__ = "0.1.0"
 
@@ -55,6 +57,7 @@ __all__ = [
     "CalmConfig",
     "CalmEnergyHead",
     "CalmForCausalLM",
+    "CalmGenerationConfig",
     "CalmModel",
     "CalmPreTrainedModel",
     "CalmTrainer",

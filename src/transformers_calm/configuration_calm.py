@@ -1,54 +1,55 @@
 """Configuration of the CALM language model (Shao et al., 2025, arXiv 2510.27688, section 3)."""
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
 
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+
+# The flat backbone fields of configs written before `backbone_config` existed (transformers-calm 0.1 and the
+# converter's first version): they were the fields of a LlamaConfig.
+_LEGACY_BACKBONE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rope_parameters",
+    "rope_theta",
+    "rms_norm_eps",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+    "initializer_range",
+    "pretraining_tp",
+)
+# What the autoencoder defines for the whole model: one source of truth.
+_FROM_AUTOENCODER = ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 class CalmConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`CalmForCausalLM`]: a Llama backbone that reads the previous chunks of K tokens (one input
-    vector per chunk) and an energy head that samples the next chunk's latent vector in one step. The frozen
-    autoencoder that maps chunks to latent vectors and back is part of the model; its configuration is nested as
-    `autoencoder_config`, so that one directory holds the whole model.
+    Configuration of a [`CalmForCausalLM`], composed the way transformers composes multimodal models:
 
-    The backbone fields are those of a [`~transformers.LlamaConfig`] and are passed to transformers' own
-    `LlamaModel`; positions count chunks, not tokens.
+    - `autoencoder_config`: the frozen chunk autoencoder ([`CalmAutoencoderConfig`]). It is the one source of truth for
+      K (`patch_size`), l (`latent_size`), the vocabulary and the special token ids; `config.patch_size`,
+      `config.latent_size`, `config.vocab_size` and `config.pad_token_id` / `bos_token_id` / `eos_token_id` read them
+      from it.
+    - `backbone_config`: any decoder-only transformers config (a [`~transformers.LlamaConfig`] by default; also e.g.
+      `Qwen3Config` or `MistralConfig`). The backbone is built from it with `AutoModel.from_config`: transformers' own
+      attention, RoPE, KV cache and attention implementations. Its positions count chunks, not tokens
+      (`max_position_embeddings` chunks = `max_position_embeddings * K` tokens). Its vocabulary size and pad token are
+      set from the autoencoder: its token embedding is CALM's input embedding.
+    - CALM's own fields: the energy head and the energy loss.
 
     Args:
-        vocab_size (`int`, *optional*, defaults to 32000):
-            Number of token ids (CALM's own input embedding; it must equal the autoencoder's).
-        hidden_size (`int`, *optional*, defaults to 768):
-            Width of the backbone and of the energy head.
-        intermediate_size (`int`, *optional*, defaults to 2048):
-            Width of the backbone's SwiGLU feed-forward layers.
-        num_hidden_layers (`int`, *optional*, defaults to 12):
-            Number of backbone decoder layers.
-        num_attention_heads (`int`, *optional*, defaults to 12):
-            Number of attention heads.
-        num_key_value_heads (`int`, *optional*):
-            Number of key/value heads (grouped-query attention); defaults to `num_attention_heads`.
-        head_dim (`int`, *optional*):
-            Attention head size; defaults to `hidden_size // num_attention_heads`.
-        hidden_act (`str`, *optional*, defaults to `"silu"`):
-            Activation of the backbone's feed-forward layers.
-        max_position_embeddings (`int`, *optional*, defaults to 2048):
-            Longest context in chunks (K tokens each), as the official config counts it.
-        rope_parameters (`dict`, *optional*):
-            RoPE settings as in `LlamaConfig`; defaults to `{"rope_type": "default", "rope_theta": 10000.0}`.
-        rms_norm_eps (`float`, *optional*, defaults to 1e-6):
-            Epsilon of the backbone's RMS norms.
-        attention_bias (`bool`, *optional*, defaults to `False`), attention_dropout (`float`, *optional*, defaults
-        to 0.0), mlp_bias (`bool`, *optional*, defaults to `False`):
-            As in `LlamaConfig`.
-        initializer_range (`float`, *optional*, defaults to 0.02):
-            Standard deviation of the normal initialisation of linear and embedding weights.
-        use_cache (`bool`, *optional*, defaults to `True`):
-            Whether the backbone returns its key/value cache by default.
-        patch_size (`int`, *optional*, defaults to 4):
-            K, tokens per chunk; must equal the autoencoder's.
-        latent_size (`int`, *optional*, defaults to 128):
-            l, size of a chunk's latent vector; must equal the autoencoder's.
+        backbone_config (`PreTrainedConfig` or `dict`, *optional*):
+            Config of the backbone, or its dict (with a `model_type`; `"llama"` when missing). Defaults to a
+            `LlamaConfig` of CALM-M's width (hidden 768, intermediate 2048, 12 layers, 12 heads, RMS norm epsilon
+            1e-6, 2048 positions).
+        autoencoder_config (`CalmAutoencoderConfig` or `dict`, *optional*):
+            Config of the frozen autoencoder; defaults to `CalmAutoencoderConfig()`.
         num_mlp_layers (`int`, *optional*, defaults to 4):
             Residual blocks of the energy head.
         noise_size (`int`, *optional*, defaults to 64):
@@ -60,117 +61,171 @@ class CalmConfig(PreTrainedConfig):
             100 in the official code).
         energy_alpha (`float`, *optional*, defaults to 1.0):
             alpha, the exponent of the distance in the energy score, in (0, 2) (`beta` in the official config).
-        autoencoder_config (`CalmAutoencoderConfig` or `dict`, *optional*):
-            Configuration of the frozen autoencoder. Defaults to a `CalmAutoencoderConfig` with this config's
-            `vocab_size`, `patch_size`, `latent_size` and special token ids.
-        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*):
-            Special token ids.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Whether the model returns the backbone's key/value cache by default (in eval mode).
+        kwargs:
+            `PreTrainedConfig` fields. Configs written before `backbone_config` existed (flat Llama fields such as
+            `hidden_size`, with `vocab_size`, `patch_size` and `latent_size`) are read too: the Llama fields become
+            the `backbone_config`, the others must agree with the autoencoder.
+
+    Example:
+
+    ```python
+    >>> from transformers import Qwen3Config
+    >>> from transformers_calm import CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
+    >>> autoencoder_config = CalmAutoencoderConfig(vocab_size=4096, patch_size=4, latent_size=128)
+    >>> backbone_config = Qwen3Config(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+    ...                               num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    >>> model = CalmForCausalLM(CalmConfig(backbone_config=backbone_config, autoencoder_config=autoencoder_config))
+    ```
     """
 
     model_type = "calm"
-    sub_configs = {"autoencoder_config": CalmAutoencoderConfig}
+    sub_configs = {"backbone_config": AutoConfig, "autoencoder_config": CalmAutoencoderConfig}
     keys_to_ignore_at_inference = ["cache"]  # the field of CalmCausalLMOutputWithPast that is not a prediction
 
     def __init__(
         self,
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=None,
-        head_dim=None,
-        hidden_act="silu",
-        max_position_embeddings=2048,
-        rope_parameters=None,
-        rms_norm_eps=1e-6,
-        attention_bias=False,
-        attention_dropout=0.0,
-        mlp_bias=False,
-        initializer_range=0.02,
-        use_cache=True,
-        patch_size=4,
-        latent_size=128,
+        backbone_config=None,
+        autoencoder_config=None,
         num_mlp_layers=4,
         noise_size=64,
         num_samples=8,
         num_targets=100,
         energy_alpha=1.0,
-        autoencoder_config=None,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        tie_word_embeddings=False,
+        use_cache=True,
         **kwargs,
     ):
-        if hidden_size % num_attention_heads and head_dim is None:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads}), "
-                "or head_dim must be given."
-            )
         if num_samples < 2:
             raise ValueError(f"num_samples (N) must be >= 2 for the energy score's diversity term, got {num_samples}.")
         if num_targets < 1:
             raise ValueError(f"num_targets (M) must be >= 1, got {num_targets}.")
         if not 0 < energy_alpha < 2:
             raise ValueError(f"energy_alpha must be in (0, 2) for the energy score to be strictly proper, got {energy_alpha}.")
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        self.head_dim = hidden_size // num_attention_heads if head_dim is None else head_dim
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.rms_norm_eps = rms_norm_eps
-        self.attention_bias = attention_bias
-        self.attention_dropout = attention_dropout
-        self.mlp_bias = mlp_bias
-        self.initializer_range = initializer_range
-        self.use_cache = use_cache
-        self.pretraining_tp = 1
-        self.patch_size = patch_size
-        self.latent_size = latent_size
+        legacy = {name: kwargs.pop(name) for name in _FROM_AUTOENCODER if name in kwargs}
+        legacy_backbone = {name: kwargs.pop(name) for name in _LEGACY_BACKBONE_FIELDS if name in kwargs}
+
+        if autoencoder_config is None:
+            autoencoder_config = CalmAutoencoderConfig(**legacy)
+        elif isinstance(autoencoder_config, dict):
+            autoencoder_config = CalmAutoencoderConfig(**autoencoder_config)
+        for name, value in legacy.items():
+            if value is None:
+                continue
+            if name.endswith("_token_id") and getattr(autoencoder_config, name) is None:
+                # Configs of transformers-calm 0.1 could hold the special tokens in the language model's config only.
+                setattr(autoencoder_config, name, value)
+            elif value != getattr(autoencoder_config, name):
+                raise ValueError(
+                    f"{name} ({value}) differs from the autoencoder's ({getattr(autoencoder_config, name)}). CALM "
+                    f"predicts the autoencoder's latent vectors, so the autoencoder defines {name} for the whole model: "
+                    f"leave it out of CalmConfig, or use an autoencoder trained with {name}={value}."
+                )
+        self.autoencoder_config = autoencoder_config
+
+        if backbone_config is None:
+            backbone_config = _legacy_llama_config(legacy_backbone)
+        elif legacy_backbone:
+            raise ValueError(
+                f"Backbone fields {sorted(legacy_backbone)} were given next to backbone_config: set them in "
+                "backbone_config."
+            )
+        elif isinstance(backbone_config, dict):
+            backbone_config = dict(backbone_config)
+            model_type = backbone_config.pop("model_type", "llama")
+            backbone_config = AutoConfig.for_model(model_type, **backbone_config)
+        if getattr(backbone_config, "is_encoder_decoder", False):
+            raise ValueError(f"backbone_config must be a decoder-only config, got a {type(backbone_config).__name__}.")
+        # The backbone's token embedding is CALM's input embedding: its rows are the autoencoder's token ids.
+        backbone_config.vocab_size = autoencoder_config.vocab_size
+        backbone_config.pad_token_id = autoencoder_config.pad_token_id
+        self.backbone_config = backbone_config
+
         self.num_mlp_layers = num_mlp_layers
         self.noise_size = noise_size
         self.num_samples = num_samples
         self.num_targets = num_targets
         self.energy_alpha = energy_alpha
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.tie_word_embeddings = tie_word_embeddings
-
-        # The official config accepts rope_theta; keep it working and store the transformers 5.x rope_parameters.
-        rope_theta = kwargs.pop("rope_theta", 10000.0)
-        if rope_parameters is None:
-            rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
-        self.rope_parameters = dict(rope_parameters)
-        self.rope_parameters.setdefault("rope_type", "default")
-        self.rope_parameters.setdefault("rope_theta", rope_theta)
-
-        if autoencoder_config is None:
-            autoencoder_config = CalmAutoencoderConfig(
-                vocab_size=vocab_size,
-                patch_size=patch_size,
-                latent_size=latent_size,
-                pad_token_id=pad_token_id,
-                bos_token_id=bos_token_id,
-                eos_token_id=eos_token_id,
-            )
-        elif isinstance(autoencoder_config, dict):
-            autoencoder_config = CalmAutoencoderConfig(**autoencoder_config)
-        self.autoencoder_config = autoencoder_config
-        for name in ("patch_size", "latent_size", "vocab_size"):
-            lm_value, ae_value = getattr(self, name), getattr(autoencoder_config, name)
-            if lm_value != ae_value:
-                raise ValueError(
-                    f"{name} differs between the language model ({lm_value}) and its autoencoder ({ae_value}). "
-                    f"CALM predicts the autoencoder's latent vectors, so both must use the same {name}: set "
-                    f"{name}={ae_value} in CalmConfig, or use an autoencoder trained with {name}={lm_value}."
-                )
+        self.use_cache = use_cache
+        kwargs.setdefault("tie_word_embeddings", False)  # CALM has no output embedding to tie
         super().__init__(**kwargs)
+
+    # One source of truth: the autoencoder. Read-only, so that they cannot drift apart.
+    @property
+    def patch_size(self) -> int:
+        """K, tokens per chunk (the autoencoder's)."""
+        return self.autoencoder_config.patch_size
+
+    @property
+    def latent_size(self) -> int:
+        """l, size of a chunk's latent vector (the autoencoder's)."""
+        return self.autoencoder_config.latent_size
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (the autoencoder's)."""
+        return self.autoencoder_config.vocab_size
+
+    # The special tokens can be set (tokenizers and pipelines do `config.pad_token_id = ...`): on the autoencoder,
+    # and the pad also on the backbone, whose embedding keeps the pad row at zero.
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.autoencoder_config.pad_token_id
+
+    @pad_token_id.setter
+    def pad_token_id(self, value):
+        self.autoencoder_config.pad_token_id = value
+        self.backbone_config.pad_token_id = value
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.autoencoder_config.bos_token_id
+
+    @bos_token_id.setter
+    def bos_token_id(self, value):
+        self.autoencoder_config.bos_token_id = value
+
+    @property
+    def eos_token_id(self) -> int | list[int] | None:
+        return self.autoencoder_config.eos_token_id
+
+    @eos_token_id.setter
+    def eos_token_id(self, value):
+        self.autoencoder_config.eos_token_id = value
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the backbone, hence of the energy head (the backbone's)."""
+        return self.backbone_config.hidden_size
+
+    @property
+    def max_chunks(self) -> int:
+        """Longest context in chunks: the backbone's `max_position_embeddings`."""
+        return self.backbone_config.max_position_embeddings
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest context in tokens, `max_chunks * K`."""
+        return self.max_chunks * self.patch_size
+
+
+def _legacy_llama_config(fields: dict) -> LlamaConfig:
+    """The backbone of a config without `backbone_config`: a Llama with the defaults CalmConfig had as flat fields."""
+    fields = dict(fields)
+    fields.pop("pretraining_tp", None)
+    rope_theta = fields.pop("rope_theta", 10000.0)
+    rope_parameters = dict(fields.pop("rope_parameters", None) or {})
+    rope_parameters.setdefault("rope_type", "default")
+    rope_parameters.setdefault("rope_theta", rope_theta)
+    defaults = {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+    }
+    return LlamaConfig(**{**defaults, **fields, "rope_parameters": rope_parameters})
 
 
 __all__ = ["CalmConfig"]

@@ -17,6 +17,7 @@ import os
 import shutil
 
 import torch
+from transformers import LlamaConfig
 
 from .configuration_calm import CalmConfig
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
@@ -42,9 +43,8 @@ _AUTOENCODER_FIELDS = (
     "bos_token_id",
     "eos_token_id",
 )
-# Official CALMConfig fields that map one-to-one onto ours (its `beta` is our `energy_alpha`).
-_CALM_FIELDS = (
-    "vocab_size",
+# Official CALMConfig fields of the backbone (a Llama) that map one-to-one onto a LlamaConfig.
+_BACKBONE_FIELDS = (
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
@@ -57,15 +57,11 @@ _CALM_FIELDS = (
     "attention_dropout",
     "mlp_bias",
     "initializer_range",
-    "patch_size",
-    "latent_size",
-    "num_mlp_layers",
-    "noise_size",
-    "num_samples",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
 )
+# Official CALMConfig fields of the energy head that map one-to-one onto ours (its `beta` is our `energy_alpha`).
+_HEAD_FIELDS = ("num_mlp_layers", "noise_size", "num_samples")
+# Official CALMConfig fields that the autoencoder defines for the whole model: they must agree with it.
+_SHARED_FIELDS = ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")
 # Official CALM tensor-name prefixes -> ours. `generative_head.*` duplicates `mlp_generator.*` (one module registered
 # under two names): .bin files hold both, safetensors exports usually one.
 _CALM_PREFIXES = (
@@ -184,17 +180,24 @@ def calm_config_from_official(official: dict, autoencoder_config: CalmAutoencode
         raise ValueError(
             f"Only the energy head is supported; this checkpoint's model_type is {official['model_type']!r}."
         )
-    kwargs = {name: official[name] for name in _CALM_FIELDS if official.get(name) is not None}
+    for name in _SHARED_FIELDS:
+        value, expected = official.get(name), getattr(autoencoder_config, name)
+        if value is not None and value != expected:
+            raise ValueError(
+                f"The CALM checkpoint's {name} ({value}) differs from its autoencoder's ({expected}): they were not "
+                "trained together. Pass the autoencoder this model was trained with."
+            )
     rope_scaling = official.get("rope_scaling")
     rope_parameters = {"rope_type": "default", "rope_theta": official.get("rope_theta", 10000.0)}
     if rope_scaling:
         rope_parameters.update(rope_type=rope_scaling.get("rope_type", rope_scaling.get("type")), factor=rope_scaling["factor"])
+    backbone = {name: official[name] for name in _BACKBONE_FIELDS if official.get(name) is not None}
     return CalmConfig(
-        **kwargs,
-        energy_alpha=official.get("beta", 1.0),
-        rope_parameters=rope_parameters,
+        backbone_config=LlamaConfig(**backbone, rope_parameters=rope_parameters),
         autoencoder_config=autoencoder_config.to_dict(),
+        energy_alpha=official.get("beta", 1.0),
         dtype="float32",
+        **{name: official[name] for name in _HEAD_FIELDS if official.get(name) is not None},
     )
 
 

@@ -36,17 +36,18 @@ def _table(rows) -> str:
 
 
 def _calm_details(model) -> tuple[list, str]:
-    config, ae = model.config, model.config.autoencoder_config
+    config, ae, backbone = model.config, model.config.autoencoder_config, model.config.backbone_config
+    family = type(backbone).__name__.removesuffix("Config")  # e.g. Llama, Qwen3
     total, autoencoder = model.num_parameters(), model.autoencoder.num_parameters()
     rows = [
         ("Class", f"`{type(model).__name__}`"),
         ("Tokens per step, K (`patch_size`)", config.patch_size),
         ("Latent vector size, l (`latent_size`)", config.latent_size),
         (
-            "Backbone (Llama)",
-            f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, intermediate size "
-            f"{config.intermediate_size}, {config.num_attention_heads} attention heads "
-            f"({config.num_key_value_heads} key/value heads)",
+            f"Backbone ({family})",
+            f"{backbone.num_hidden_layers} layers, hidden size {backbone.hidden_size}, intermediate size "
+            f"{backbone.intermediate_size}, {backbone.num_attention_heads} attention heads "
+            f"({getattr(backbone, 'num_key_value_heads', None) or backbone.num_attention_heads} key/value heads)",
         ),
         ("Energy head", f"{config.num_mlp_layers} residual blocks, noise size {config.noise_size}"),
         (
@@ -57,7 +58,7 @@ def _calm_details(model) -> tuple[list, str]:
         ("Vocabulary", f"{config.vocab_size:,} tokens"),
         (
             "Context",
-            f"{config.max_position_embeddings:,} chunks = {config.max_position_embeddings * config.patch_size:,} tokens",
+            f"{config.max_chunks:,} chunks = {config.max_tokens:,} tokens",
         ),
         (
             "Parameters",
@@ -68,7 +69,7 @@ def _calm_details(model) -> tuple[list, str]:
     summary = (
         "A CALM language model (Continuous Autoregressive Language Model, "
         "[Shao et al., 2025](https://arxiv.org/abs/2510.27688)). Instead of one token per step, it predicts one "
-        f"continuous vector per chunk of K = {config.patch_size} tokens: a Llama backbone reads one vector per chunk "
+        f"continuous vector per chunk of K = {config.patch_size} tokens: a {family} backbone reads one vector per chunk "
         "of the context, an energy head turns its last hidden state and random noise into a sample of the next "
         "chunk's latent vector, and the frozen autoencoder stored in this checkpoint decodes that vector into "
         f"{config.patch_size} tokens. Each generation step therefore emits {config.patch_size} tokens. There is no "

@@ -17,6 +17,27 @@ from transformers.utils import ModelOutput
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
 
 
+def check_input_ids(input_ids: torch.LongTensor, config) -> None:
+    """Token ids `(batch, L)` with L a positive multiple of K (`config.patch_size`) and every id inside the vocabulary
+    (`config.vocab_size`), or an error that says how to fix them. Shared by the autoencoder and the language model."""
+    K, vocab_size = config.patch_size, config.vocab_size
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+    if input_ids.shape[1] == 0 or input_ids.shape[1] % K:
+        raise ValueError(
+            f"sequence_length ({input_ids.shape[1]}) must be a positive multiple of patch_size (K = {K}): CALM encodes, "
+            f"reads and predicts whole chunks of K tokens. Pad or truncate to a multiple of {K}, or group texts into "
+            "blocks whose length is a multiple of K."
+        )
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"input_ids contain the token id {low if low < 0 else high}, outside the vocabulary [0, {vocab_size}) of "
+            f"this model. Use the tokenizer the autoencoder was trained with (len(tokenizer) must be {vocab_size}); "
+            "-100 may mark ignored labels, not input ids."
+        )
+
+
 @dataclass
 class CalmAutoencoderOutput(ModelOutput):
     """Output of [`CalmAutoencoder.forward`].
@@ -184,16 +205,6 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         """K, the number of tokens per chunk."""
         return self.config.patch_size
 
-    def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] == 0 or input_ids.shape[1] % self.patch_size:
-            raise ValueError(
-                f"sequence_length ({input_ids.shape[1]}) must be a positive multiple of patch_size (K = "
-                f"{self.patch_size}): the autoencoder encodes whole chunks of K tokens. Pad or truncate the sequence "
-                f"to a multiple of {self.patch_size}, or group texts into blocks whose length is a multiple of K."
-            )
-
     def _check_latents(self, latents: torch.Tensor) -> None:
         if latents.dim() != 3 or latents.shape[-1] != self.config.latent_size:
             raise ValueError(
@@ -211,7 +222,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         Returns:
             `(mean, log_std)`, each of shape `(batch_size, sequence_length // patch_size, latent_size)`.
         """
-        self._check_input_ids(input_ids)
+        check_input_ids(input_ids, self.config)
         chunk_ids = input_ids.unflatten(1, (-1, self.patch_size))
         return self.encoder(chunk_ids).chunk(2, dim=-1)
 
@@ -263,7 +274,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         config = self.config
-        self._check_input_ids(input_ids)
+        check_input_ids(input_ids, self.config)
         if labels is None:
             labels = input_ids
         if labels.shape != input_ids.shape:
@@ -310,4 +321,4 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["CalmAutoencoder", "CalmAutoencoderOutput", "CalmAutoencoderPreTrainedModel"]
+__all__ = ["CalmAutoencoder", "CalmAutoencoderOutput", "CalmAutoencoderPreTrainedModel", "check_input_ids"]

@@ -1,4 +1,7 @@
-"""Likelihood-free temperature sampling (Shao et al., 2025, arXiv 2510.27688, section 5).
+"""Sampling from CALM, and likelihood-free temperature sampling (Shao et al., 2025, arXiv 2510.27688, section 5).
+
+[`CalmSamplingMixin`] is `CalmForCausalLM`'s public sampling API: head samples of latent vectors, their tokens, and
+the next chunk at a temperature. The algorithms below it work for any sampler of discrete outcomes.
 
 CALM's head is a sampler without a likelihood, so temperature cannot be applied to logits. Both samplers here only
 need fresh samples of the outcome (a chunk of K token ids) and target P^(1/T) (normalised) for T in (0, 1]:
@@ -261,7 +264,108 @@ def mode_sample(candidates: torch.LongTensor) -> torch.LongTensor:
     return candidates.transpose(0, 1)[torch.arange(candidates.shape[1], device=candidates.device), pick]
 
 
+class CalmSamplingMixin:
+    """The public way to draw from a [`CalmForCausalLM`], used by `generate`, `CalmTrainer` and BrierLM alike: head
+    samples of the next chunk's latent vector for backbone states, their tokens, and the temperature sampler of one
+    chunk built on the algorithms above. Mixed into `CalmForCausalLM` (it reads `generative_head`, `autoencoder` and
+    `config`)."""
+
+    def sample_head_noise(self, shape, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The generative head's randomness for `shape` hidden states: `(*shape, noise_size)` uniform in [-0.5, 0.5),
+        on the model's device and in its dtype. Pass it to [`sample_latents`] as `noise` to control every draw."""
+        weight = self.generative_head.noise_embd.weight
+        shape = (*shape, self.config.noise_size)
+        return torch.rand(shape, generator=generator, device=weight.device, dtype=weight.dtype) - 0.5
+
+    def sample_latents(
+        self,
+        hidden_states: torch.Tensor,
+        num_samples: int | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Samples of the next chunk's latent vector.
+
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(..., hidden_size)`):
+                Backbone states (`last_hidden_state` positions); any leading shape.
+            num_samples (`int`, *optional*):
+                Samples per state, along a new leading dimension (the part of the head that does not depend on the
+                noise runs once per state).
+            noise (`torch.FloatTensor`, *optional*):
+                The head's randomness ([`sample_head_noise`] of the output's leading shape), to fix every draw.
+            generator (`torch.Generator`, *optional*):
+                Generator for the noise when `noise` is not given (the global RNG when `None`).
+
+        Returns:
+            `torch.FloatTensor` of shape `(..., latent_size)`, or `(num_samples, ..., latent_size)`.
+        """
+        return self.generative_head(hidden_states, noise=noise, generator=generator, num_samples=num_samples)
+
+    def decode_latents(self, latents: torch.Tensor, max_logits: int = 2**26) -> torch.LongTensor:
+        """Token ids `(..., K)` of latent vectors `(..., latent_size)`: the argmax of the autoencoder decoder.
+
+        The decoder runs on at most `max_logits` logits at a time, so that many candidates over a large vocabulary
+        (e.g. 200 x batch 32 x K 4 x 128k) never materialise at once.
+        """
+        flat = latents.reshape(-1, 1, latents.shape[-1])
+        step = max(1, max_logits // (self.config.patch_size * self.config.vocab_size))
+        if len(flat) <= step:  # the usual case: one decoder call, no copy
+            tokens = self.autoencoder.decode_token_ids(flat)
+        else:
+            tokens = torch.cat([self.autoencoder.decode_token_ids(flat[i : i + step]) for i in range(0, len(flat), step)])
+        return tokens.reshape(*latents.shape[:-1], self.config.patch_size)
+
+    def sample_chunks(
+        self,
+        hidden_states: torch.Tensor,
+        num_samples: int | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """Sampled next chunks, `decode_latents(sample_latents(...))`: `(..., K)`, or `(num_samples, ..., K)`."""
+        return self.decode_latents(self.sample_latents(hidden_states, num_samples, noise=noise, generator=generator))
+
+    def encode_chunks(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen autoencoder's posterior `(mean, log_std)`, each `(batch, num_chunks, latent_size)`, of token ids
+        `(batch, num_chunks * K)`."""
+        return self.autoencoder.encode(input_ids)
+
+    def sample_next_chunk(
+        self,
+        hidden_states: torch.Tensor,
+        temperature: float = 1.0,
+        do_sample: bool = True,
+        num_candidates: int = 200,
+        exact_temperature: bool = False,
+        max_draws: int = 10_000,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """The K token ids of the next chunk of every row, from the backbone's last hidden state `(batch, hidden)`.
+
+        - `do_sample=False`: the most frequent of `num_candidates` head samples (the T -> 0 limit of the batch
+          approximation; deterministic for a given generator state).
+        - `temperature=1`: one head sample per row, decoded by the autoencoder.
+        - `temperature < 1`: the paper's batch approximation from `num_candidates` samples
+          ([`~sampling.batch_temperature_sample`]), or with `exact_temperature=True` its exact rejection sampler
+          ([`~sampling.exact_temperature_sample`]).
+        """
+
+        def draw(num: int, rows: torch.Tensor | None = None) -> torch.LongTensor:
+            states = hidden_states if rows is None else hidden_states[rows]
+            return self.sample_chunks(states, num_samples=num, generator=generator)
+
+        if not do_sample:
+            return mode_sample(draw(num_candidates))
+        if temperature == 1.0:
+            return draw(1)[0]
+        if exact_temperature:
+            return exact_temperature_sample(draw, temperature, generator=generator, max_draws=max_draws).samples
+        return batch_temperature_sample(draw(num_candidates), temperature, generator=generator)
+
+
 __all__ = [
+    "CalmSamplingMixin",
     "ExactSampleOutput",
     "batch_temperature_sample",
     "candidate_counts",

@@ -39,11 +39,10 @@ def chunk_size(model) -> int:
 def calm_max_tokens(model) -> int | None:
     """The longest context of a CALM model in tokens, or None when the config sets none.
 
-    The one place that knows where the limit lives: the backbone counts positions in chunks, so the limit in tokens is
-    `max_position_embeddings * K`.
+    The one place that knows where the limit lives: `CalmConfig.max_tokens`, the backbone's `max_position_embeddings`
+    (it counts chunks) times K.
     """
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return None if limit is None else limit * chunk_size(model)
+    return getattr(model.config, "max_tokens", None)
 
 
 def _cached_forward(model):

@@ -1,0 +1,149 @@
+"""Generation settings of CALM: transformers' `GenerationConfig` plus the likelihood-free sampler's own fields."""
+
+from transformers import GenerationConfig
+
+# Options whose only meaning is to reshape, search or penalise next-token logits (or to return them): CALM's head is a
+# sampler without a likelihood, so none of them can be applied. Each maps to why, and what to use instead.
+_NO_LIKELIHOOD = "CALM's energy head samples chunks without computing a likelihood"
+_USE_TEMPERATURE = "use temperature (in (0, 1]) to sharpen the distribution, or do_sample=False for its mode"
+UNSUPPORTED_OPTIONS = {
+    "num_beams": f"beam search ranks continuations by likelihood, and {_NO_LIKELIHOOD}; {_USE_TEMPERATURE}",
+    "num_beam_groups": f"diverse beam search needs likelihoods ({_NO_LIKELIHOOD}); {_USE_TEMPERATURE}",
+    "penalty_alpha": f"contrastive search needs next-token probabilities ({_NO_LIKELIHOOD}); {_USE_TEMPERATURE}",
+    "top_k": f"top-k truncates next-token logits, and {_NO_LIKELIHOOD}; {_USE_TEMPERATURE}",
+    "top_p": f"top-p (nucleus) truncates next-token probabilities, and {_NO_LIKELIHOOD}; {_USE_TEMPERATURE}",
+    "min_p": f"min-p truncates next-token probabilities, and {_NO_LIKELIHOOD}; {_USE_TEMPERATURE}",
+    "typical_p": f"typical sampling needs next-token probabilities ({_NO_LIKELIHOOD}); {_USE_TEMPERATURE}",
+    "epsilon_cutoff": f"epsilon sampling truncates next-token probabilities ({_NO_LIKELIHOOD}); {_USE_TEMPERATURE}",
+    "eta_cutoff": f"eta sampling truncates next-token probabilities ({_NO_LIKELIHOOD}); {_USE_TEMPERATURE}",
+    "top_h": f"top-h truncates next-token probabilities ({_NO_LIKELIHOOD}); {_USE_TEMPERATURE}",
+    "repetition_penalty": f"the repetition penalty rescales logits, and {_NO_LIKELIHOOD}; filter or resample instead",
+    "encoder_repetition_penalty": f"the penalty rescales logits ({_NO_LIKELIHOOD})",
+    "no_repeat_ngram_size": f"n-gram blocking masks logits ({_NO_LIKELIHOOD})",
+    "encoder_no_repeat_ngram_size": f"n-gram blocking masks logits ({_NO_LIKELIHOOD})",
+    "bad_words_ids": f"banning words masks logits ({_NO_LIKELIHOOD}); filter the output instead",
+    "force_words_ids": f"constrained beam search needs likelihoods ({_NO_LIKELIHOOD})",
+    "sequence_bias": f"sequence biases shift logits ({_NO_LIKELIHOOD})",
+    "suppress_tokens": f"suppressing tokens masks logits ({_NO_LIKELIHOOD})",
+    "begin_suppress_tokens": f"suppressing tokens masks logits ({_NO_LIKELIHOOD})",
+    "forced_bos_token_id": "forcing a first token acts on logits; put the token at the end of the prompt instead",
+    "forced_eos_token_id": "forcing a last token acts on logits; append it to the output instead",
+    "exponential_decay_length_penalty": f"the length penalty boosts the EOS logit ({_NO_LIKELIHOOD})",
+    "guidance_scale": f"classifier-free guidance mixes two sets of logits ({_NO_LIKELIHOOD})",
+    "renormalize_logits": "CALM has no logits to renormalise",
+    "output_scores": "CALM has no next-token scores to return; the sampled chunks are the output",
+    "output_logits": "CALM has no logits to return; the sampled chunks are the output",
+    "watermarking_config": f"watermarking biases logits ({_NO_LIKELIHOOD})",
+    "dola_layers": f"DoLa contrasts the logits of layers ({_NO_LIKELIHOOD})",
+    "prompt_lookup_num_tokens": "assisted decoding verifies draft tokens with likelihoods, which CALM does not have",
+    "assistant_early_exit": "assisted decoding verifies draft tokens with likelihoods, which CALM does not have",
+    "output_attentions": "generate() does not return backbone attentions yet; call the model's forward for them",
+    "output_hidden_states": "generate() does not return hidden states yet; call the model's forward for them",
+}
+# What each option is when it asks for nothing (transformers' own defaults, or `None`).
+_INACTIVE = {
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "top_p": (None, 1.0),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "guidance_scale": (None, 1.0),
+    "renormalize_logits": (None, False),
+    "output_scores": (None, False),
+    "output_logits": (None, False),
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+}
+
+
+class CalmGenerationConfig(GenerationConfig):
+    r"""
+    [`~transformers.GenerationConfig`] of [`CalmForCausalLM`], saved as `generation_config.json`.
+
+    Every length, stopping, special-token and output option of transformers works as for any causal LM
+    (`max_new_tokens`, `max_length`, `min_new_tokens`, `max_time`, `stop_strings`, `eos_token_id`, `pad_token_id`,
+    `num_return_sequences`, `return_dict_in_generate`, `use_cache`), and so does `temperature`, in (0, 1]: CALM applies it
+    without likelihoods (paper, section 5). Options that only reshape or return logits (beams, top-k/top-p,
+    repetition penalties, logits processors, `output_scores`) are rejected by `validate()` with the reason: CALM's head
+    is a sampler without a likelihood.
+
+    Args:
+        num_candidates (`int`, *optional*, defaults to 200):
+            N of the batch approximation (the paper's Algorithm 2): head samples per row and chunk from which a
+            temperature < 1 sample, or the mode (`do_sample=False`), is chosen.
+        exact_temperature (`bool`, *optional*, defaults to `False`):
+            Use the paper's exact rejection sampler (Algorithm 1) for temperature < 1 instead of the approximation.
+        max_draws (`int`, *optional*, defaults to 10000):
+            Draws per row and chunk after which the exact sampler falls back to the approximation over them.
+        do_sample (`bool`, *optional*, defaults to `True`):
+            CALM's head is a sampler: `True` samples (at `temperature`), `False` returns the most frequent of
+            `num_candidates` samples.
+        kwargs:
+            Any other `GenerationConfig` field.
+    """
+
+    def __init__(self, num_candidates=200, exact_temperature=False, max_draws=10_000, **kwargs):
+        # Before the base init, which calls validate() (reading these).
+        self.num_candidates = num_candidates
+        self.exact_temperature = exact_temperature
+        self.max_draws = max_draws
+        kwargs.setdefault("do_sample", True)
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def _get_default_generation_params() -> dict:
+        # generate() fills unset fields with these. transformers' defaults include top_k=50, a logits processor CALM
+        # cannot apply: leave it unset, so that only an explicit top_k is rejected.
+        defaults = GenerationConfig._get_default_generation_params()
+        defaults["top_k"] = None
+        return defaults
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "CalmGenerationConfig":
+        """The defaults of a model: CALM's sampler defaults and the model's special tokens (read from `CalmConfig`,
+        which takes them from the autoencoder; transformers' own version reads only the config's serialised fields)."""
+        return cls(**{name: getattr(model_config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")})
+
+    @classmethod
+    def from_generation_config(cls, config: GenerationConfig) -> "CalmGenerationConfig":
+        """The same settings as a `CalmGenerationConfig` (transformers loads `generation_config.json` as a plain
+        `GenerationConfig`, with CALM's fields as extra attributes)."""
+        if isinstance(config, cls):
+            return config
+        values = config.to_dict()
+        values.pop("transformers_version", None)
+        return cls(**values)
+
+    def unsupported_options(self) -> dict[str, str]:
+        """The options set to something CALM cannot do, each with why and what to use instead."""
+        found = {}
+        for name, reason in UNSUPPORTED_OPTIONS.items():
+            value = getattr(self, name, None)
+            if value is None or value in _INACTIVE.get(name, (None,)) or value in ([], {}):
+                continue
+            found[name] = f"{name}={value!r}: {reason}"
+        return found
+
+    def validate(self, strict: bool = False, **kwargs):
+        """transformers' checks, then CALM's: `num_candidates` and `max_draws` >= 1, `temperature` in (0, 1]. The
+        options CALM rejects are reported by `generate()` (see [`unsupported_options`]), so that a generation config
+        shared with token-level models can still be loaded and saved."""
+        for name in ("num_candidates", "max_draws"):
+            value = getattr(self, name, None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        temperature = getattr(self, "temperature", None)
+        if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature <= 1):
+            raise ValueError(
+                f"temperature must be in (0, 1], got {temperature!r}: likelihood-free temperature sampling can only "
+                "sharpen the model's distribution (P^(1/T) through repeated samples). For its mode use do_sample=False."
+            )
+        return super().validate(strict=strict, **kwargs)
+
+
+__all__ = ["UNSUPPORTED_OPTIONS", "CalmGenerationConfig"]
