@@ -142,9 +142,7 @@ def main(argv=None) -> None:
         f"batch {args.batch_size}, N = {args.num_candidates}, K = {args.patch_size}, device {device.type}, "
         f"{torch.get_num_threads()} thread(s), {iterations} iterations; mean distinct chunks per row {distinct:.1f}"
     )
-    print(
-        f"{'T':>6} {'vectorised ms':>14} {'loop ms':>10} {'speed-up':>9} {'agreement p':>12}"
-    )
+    print(f"{'T':>6} {'vectorised ms':>14} {'loop ms':>10} {'speed-up':>9} {'agreement p':>12}")
     generator = torch.Generator(device=device).manual_seed(0)
     rng = random.Random(0)
     rows = []

@@ -1,12 +1,6 @@
 """Constants shared by the test modules (importable as `common`: pytest puts tests/ on sys.path). The tiny models
 themselves come from `factories`."""
 
-from factories import TINY_BACKBONE, TINY_HEAD
-
-# Backbone, energy head and loss of the tiny CalmForCausalLM, for the modules that still build their models from
-# config fields (the same values as `factories.tiny_calm`, which the others use).
-TINY_LM = {**TINY_BACKBONE, **TINY_HEAD}
-
 # What CalmTrainer.evaluate() reports.
 EVAL_KEYS = {
     "eval_loss",

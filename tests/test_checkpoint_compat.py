@@ -31,7 +31,9 @@ def check_outputs(model: CalmForCausalLM, reference: dict[str, torch.Tensor]) ->
         torch.testing.assert_close(latents, reference["latents"], atol=1e-6, rtol=1e-5)
         assert torch.equal(model.decode_latents(latents), reference["tokens"])
         torch.manual_seed(5)  # the same draws, in the same order, as the release that wrote the fixture
-        torch.testing.assert_close(model(ids, labels=ids).loss.reshape(1), reference["loss_seed5"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(ids, labels=ids).loss.reshape(1), reference["loss_seed5"], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_previous_release_checkpoint_loads_into_the_composite_config(reference):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, pipeline
 
 from transformers_calm import CalmForCausalLM
 from transformers_calm.brierlm import score_model
@@ -121,3 +121,26 @@ def test_llama_baseline_trains_on_the_same_blocks_and_scores(tiny_demo, tmp_path
     texts = [json.loads(line)["text"] for line in (output_dir / "data" / "validation.jsonl").open()]
     scores = score_model(model, texts=texts, tokenizer=tokenizer, context_length=32, max_blocks=2, progress=False)
     assert {"brier1", "brier4", "brierlm", "exact_brier1"} <= set(scores)
+
+
+def test_text_generation_pipeline_on_the_trained_checkpoint(tiny_demo):
+    """`pipeline("text-generation")` from the directory the demo trained (model, tokenizer, generation_config.json):
+    as for any causal LM, the output is the prompt followed by new text, and `return_full_text=False` gives the new
+    text alone; temperature works without logits, stop strings end the text."""
+    output_dir, _, texts = tiny_demo
+    generator = pipeline("text-generation", model=str(output_dir / "calm"), device="cpu")
+    prompt = " ".join(texts[-1].split()[:6])
+    torch.manual_seed(0)
+    full = generator(prompt, max_new_tokens=8, temperature=0.5, num_candidates=8)[0]["generated_text"]
+    assert full.startswith(prompt) and len(full) > len(prompt)
+    torch.manual_seed(0)
+    new = generator(prompt, max_new_tokens=8, temperature=0.5, num_candidates=8, return_full_text=False)
+    assert new[0]["generated_text"] and full.endswith(new[0]["generated_text"])
+    # A stop sequence (the pipeline passes it to generate as stop_strings, with its tokenizer) that the continuation
+    # contains cuts it right after its first occurrence.
+    stop = new[0]["generated_text"].strip()[:1]
+    torch.manual_seed(0)
+    stopped = generator(
+        prompt, max_new_tokens=8, temperature=0.5, num_candidates=8, return_full_text=False, stop_sequence=stop
+    )[0]["generated_text"]
+    assert stop in stopped and len(stopped) <= len(new[0]["generated_text"])

@@ -37,8 +37,14 @@ PAD = 0
 
 
 def tiny_lm(seed: int = 0, vocab_size: int = VOCAB, patch_size: int = K, head_gain: float = 2.0) -> CalmForCausalLM:
-    autoencoder = {"vocab_size": vocab_size, "patch_size": patch_size, "latent_size": 4, "hidden_size": 16,
-                   "intermediate_size": 24, "pad_token_id": PAD}
+    autoencoder = {
+        "vocab_size": vocab_size,
+        "patch_size": patch_size,
+        "latent_size": 4,
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "pad_token_id": PAD,
+    }
     return scale_head(tiny_calm(seed, autoencoder=autoencoder, random_head=False), head_gain)
 
 
@@ -378,7 +384,9 @@ def test_stopping_criteria_without_eos_do_not_pad():
     width = ids.shape[1]
     reference = model.generate(ids, attention_mask=mask, max_new_tokens=4 * K, generator=seeded(4))
     criteria = StoppingCriteriaList([StopAfterNewTokens(width, [1, K + 1])])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=4 * K, generator=seeded(4), stopping_criteria=criteria)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=4 * K, generator=seeded(4), stopping_criteria=criteria
+    )
     assert torch.equal(out, reference[:, : width + K + 1])
 
 

@@ -27,8 +27,14 @@ from transformers_calm.generation_configuration_calm import UNSUPPORTED_OPTIONS
 
 K = 3
 VOCAB = 16
-AUTOENCODER = {"vocab_size": VOCAB, "patch_size": K, "latent_size": 4, "hidden_size": 16, "intermediate_size": 24,
-               "pad_token_id": 0}
+AUTOENCODER = {
+    "vocab_size": VOCAB,
+    "patch_size": K,
+    "latent_size": 4,
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "pad_token_id": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +115,9 @@ def test_min_new_tokens_redraws_chunks_that_would_end_too_early(model):
     eos = int(reference[0, 5:].mode().values)
     minimum = 2 * K + 1
     for seed in range(10):
-        out = model.generate(ids, max_new_tokens=4 * K, min_new_tokens=minimum, eos_token_id=eos, generator=seeded(seed))
+        out = model.generate(
+            ids, max_new_tokens=4 * K, min_new_tokens=minimum, eos_token_id=eos, generator=seeded(seed)
+        )
         new = out[0, 5:]
         assert len(new) >= minimum
         assert eos not in new[:minimum].tolist()
@@ -220,8 +228,16 @@ def test_logit_arguments_are_rejected(model, kwargs):
 
 def test_inactive_values_are_accepted(model):
     """transformers' neutral values of these options (as a shared generation config holds them) ask for nothing."""
-    out = model.generate(prompt(3), max_new_tokens=K, num_beams=1, top_p=1.0, repetition_penalty=1.0, top_k=None,
-                         logits_processor=LogitsProcessorList(), output_scores=False)
+    out = model.generate(
+        prompt(3),
+        max_new_tokens=K,
+        num_beams=1,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        top_k=None,
+        logits_processor=LogitsProcessorList(),
+        output_scores=False,
+    )
     assert out.shape == (1, 3 + K)
 
 
@@ -239,7 +255,12 @@ def test_generation_config_is_calms_and_round_trips(model, tmp_path):
     assert config.do_sample is True  # CALM's head is a sampler
     config.save_pretrained(tmp_path)
     loaded = CalmGenerationConfig.from_pretrained(tmp_path)
-    assert (loaded.num_candidates, loaded.exact_temperature, loaded.max_draws, loaded.temperature) == (17, True, 99, 0.4)
+    assert (loaded.num_candidates, loaded.exact_temperature, loaded.max_draws, loaded.temperature) == (
+        17,
+        True,
+        99,
+        0.4,
+    )
     # A model reads generation_config.json as transformers writes it and keeps CALM's fields.
     model.save_pretrained(tmp_path / "model")
     config.save_pretrained(tmp_path / "model")

@@ -101,7 +101,9 @@ class CalmConfig(PreTrainedConfig):
         if num_targets < 1:
             raise ValueError(f"num_targets (M) must be >= 1, got {num_targets}.")
         if not 0 < energy_alpha < 2:
-            raise ValueError(f"energy_alpha must be in (0, 2) for the energy score to be strictly proper, got {energy_alpha}.")
+            raise ValueError(
+                f"energy_alpha must be in (0, 2) for the energy score to be strictly proper, got {energy_alpha}."
+            )
         legacy = {name: kwargs.pop(name) for name in _FROM_AUTOENCODER if name in kwargs}
         legacy_backbone = {name: kwargs.pop(name) for name in _LEGACY_BACKBONE_FIELDS if name in kwargs}
 

@@ -161,7 +161,9 @@ def convert_autoencoder(source: str) -> CalmAutoencoder:
 def _autoencoder_sizes_from_tensors(state_dict: dict[str, torch.Tensor], prefix: str) -> dict:
     embed = state_dict[f"{prefix}encoder.embed_tokens.weight"]
     latent2 = state_dict[f"{prefix}encoder.hidden_to_latent.weight"].shape[0]
-    gate = [k for k in state_dict if k.startswith(f"{prefix}encoder.encoder_layers.") and k.endswith("gate_proj.weight")]
+    gate = [
+        k for k in state_dict if k.startswith(f"{prefix}encoder.encoder_layers.") and k.endswith("gate_proj.weight")
+    ]
     dec = [k for k in state_dict if k.startswith(f"{prefix}decoder.decoder_layers.") and k.endswith("gate_proj.weight")]
     return {
         "vocab_size": embed.shape[0],
@@ -190,7 +192,9 @@ def calm_config_from_official(official: dict, autoencoder_config: CalmAutoencode
     rope_scaling = official.get("rope_scaling")
     rope_parameters = {"rope_type": "default", "rope_theta": official.get("rope_theta", 10000.0)}
     if rope_scaling:
-        rope_parameters.update(rope_type=rope_scaling.get("rope_type", rope_scaling.get("type")), factor=rope_scaling["factor"])
+        rope_parameters.update(
+            rope_type=rope_scaling.get("rope_type", rope_scaling.get("type")), factor=rope_scaling["factor"]
+        )
     backbone = {name: official[name] for name in _BACKBONE_FIELDS if official.get(name) is not None}
     return CalmConfig(
         backbone_config=LlamaConfig(**backbone, rope_parameters=rope_parameters),

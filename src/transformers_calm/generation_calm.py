@@ -10,6 +10,8 @@ exactly where a token-level model would (an EOS or a stop string in the middle o
 becomes padding.
 """
 
+import copy
+
 import torch
 from transformers import GenerationMixin
 from transformers.cache_utils import DynamicCache
@@ -113,6 +115,12 @@ class CalmGenerationMixin(GenerationMixin):
         if synced_gpus:
             raise ValueError("synced_gpus=True is not supported by CALM's generate(); generate on each process alone.")
 
+        requested = dict(kwargs)
+        if generation_config is not None and kwargs:
+            # Keyword arguments override the fields of a given config (pipelines pass both). Merged here, so that
+            # transformers (< 5.12) does not log its deprecation of passing both on the caller's behalf.
+            generation_config = copy.deepcopy(generation_config)
+            kwargs = generation_config.update(**kwargs)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         generation_config = CalmGenerationConfig.from_generation_config(generation_config)
         unsupported = generation_config.unsupported_options()
@@ -131,8 +139,8 @@ class CalmGenerationMixin(GenerationMixin):
         prompt_length = input_ids.shape[1]
         generation_config = self._prepare_generated_length(
             generation_config,
-            has_default_max_length=kwargs.get("max_length") is None and generation_config.max_length is not None,
-            has_default_min_length=kwargs.get("min_length") is None and generation_config.min_length is not None,
+            has_default_max_length=requested.get("max_length") is None and generation_config.max_length is not None,
+            has_default_min_length=requested.get("min_length") is None and generation_config.min_length is not None,
             model_input_name="input_ids",
             input_ids_length=prompt_length,
             inputs_tensor=input_ids,
@@ -191,7 +199,9 @@ class CalmGenerationMixin(GenerationMixin):
             outputs = self.model(
                 input_ids=fed_ids, attention_mask=fed_mask if padded else None, cache=cache, use_cache=use_cache
             )
-            chunk = self._sample_chunk_before(outputs.last_hidden_state[:, -1], sequences.shape[1], min_length, eos, sampler)
+            chunk = self._sample_chunk_before(
+                outputs.last_hidden_state[:, -1], sequences.shape[1], min_length, eos, sampler
+            )
             start = sequences.shape[1]
             for token in chunk.unbind(-1):  # the criteria see one new token at a time, as in a token-level loop
                 if pad_finished:
@@ -206,7 +216,9 @@ class CalmGenerationMixin(GenerationMixin):
                 break
             # The chunk as it stands in the sequences (finished rows feed their pads, as a token-level loop does).
             fed_mask = torch.cat([token_mask, torch.ones_like(sequences[:, prompt_length:])], dim=-1)
-            fed_ids = sequences[:, start:] if use_cache else torch.cat([chunk_ids, sequences[:, prompt_length:]], dim=-1)
+            fed_ids = (
+                sequences[:, start:] if use_cache else torch.cat([chunk_ids, sequences[:, prompt_length:]], dim=-1)
+            )
         if streamer is not None:
             streamer.end()
         if generation_config.return_dict_in_generate:

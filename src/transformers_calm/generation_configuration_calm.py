@@ -107,7 +107,9 @@ class CalmGenerationConfig(GenerationConfig):
     def from_model_config(cls, model_config) -> "CalmGenerationConfig":
         """The defaults of a model: CALM's sampler defaults and the model's special tokens (read from `CalmConfig`,
         which takes them from the autoencoder; transformers' own version reads only the config's serialised fields)."""
-        return cls(**{name: getattr(model_config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        return cls(
+            **{name: getattr(model_config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        )
 
     @classmethod
     def from_generation_config(cls, config: GenerationConfig) -> "CalmGenerationConfig":

@@ -313,7 +313,9 @@ class CalmSamplingMixin:
         if len(flat) <= step:  # the usual case: one decoder call, no copy
             tokens = self.autoencoder.decode_token_ids(flat)
         else:
-            tokens = torch.cat([self.autoencoder.decode_token_ids(flat[i : i + step]) for i in range(0, len(flat), step)])
+            tokens = torch.cat(
+                [self.autoencoder.decode_token_ids(flat[i : i + step]) for i in range(0, len(flat), step)]
+            )
         return tokens.reshape(*latents.shape[:-1], self.config.patch_size)
 
     def sample_chunks(
