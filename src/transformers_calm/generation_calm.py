@@ -128,7 +128,7 @@ class CalmGenerationMixin(GenerationMixin):
             raise ValueError("CALM cannot use these generation options:\n- " + "\n- ".join(unsupported.values()))
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         attention_mask = model_kwargs.pop("attention_mask", None)
-        use_cache = model_kwargs.pop("use_cache", generation_config.use_cache)
+        use_cache = generation_config.use_cache is not False
         if model_kwargs:
             raise ValueError(f"generate() got unknown arguments {sorted(model_kwargs)}.")
         input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
@@ -199,7 +199,7 @@ class CalmGenerationMixin(GenerationMixin):
             outputs = self.model(
                 input_ids=fed_ids, attention_mask=fed_mask if padded else None, cache=cache, use_cache=use_cache
             )
-            chunk = self._sample_chunk_before(
+            chunk = self._next_chunk(
                 outputs.last_hidden_state[:, -1], sequences.shape[1], min_length, eos, sampler
             )
             start = sequences.shape[1]
@@ -225,7 +225,7 @@ class CalmGenerationMixin(GenerationMixin):
             return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_NAME: cache})
         return sequences
 
-    def _sample_chunk_before(self, hidden, length, min_length, eos, sampler) -> torch.LongTensor:
+    def _next_chunk(self, hidden, length, min_length, eos, sampler) -> torch.LongTensor:
         """The next chunk of every row; while the sequences are shorter than `min_length`, chunks with an EOS before
         it are redrawn (the likelihood-free counterpart of transformers' masking of the EOS logit)."""
         chunk = self.sample_next_chunk(hidden, **sampler)
