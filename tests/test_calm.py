@@ -75,7 +75,7 @@ def seeded_loss(model, input_ids, seed=123, **kwargs):
 
 
 def capture_energy_terms(monkeypatch) -> list:
-    """Record the per-position (fidelity, diversity) that `energy_loss` averages."""
+    """Record the per-position (fidelity, diversity) that `head_loss` averages."""
     records = []
 
     def recording(*args, **kwargs):

@@ -56,7 +56,9 @@ CALM_MODULES = AE_MODULES | {
     "generation_calm.py",
     "generation_configuration_calm.py",
     "modeling_calm.py",
+    "modeling_diffusion_head.py",
     "modeling_energy_head.py",
+    "modeling_flow_head.py",
     "sampling.py",
 }
 CALM_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors"} | CALM_MODULES

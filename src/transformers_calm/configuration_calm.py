@@ -24,6 +24,7 @@ _LEGACY_BACKBONE_FIELDS = (
     "initializer_range",
     "pretraining_tp",
 )
+HEAD_TYPES = ("energy", "flow", "diffusion")
 # What the autoencoder defines for the whole model: one source of truth.
 _FROM_AUTOENCODER = ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -41,7 +42,7 @@ class CalmConfig(PreTrainedConfig):
       attention, RoPE, KV cache and attention implementations. Its positions count chunks, not tokens
       (`max_position_embeddings` chunks = `max_position_embeddings * K` tokens). Its vocabulary size and pad token are
       set from the autoencoder: its token embedding is CALM's input embedding.
-    - CALM's own fields: the energy head and the energy loss.
+    - CALM's own fields: the generative head (`head_type`) and its loss.
 
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
@@ -50,15 +51,20 @@ class CalmConfig(PreTrainedConfig):
             1e-6, 2048 positions).
         autoencoder_config (`CalmAutoencoderConfig` or `dict`, *optional*):
             Config of the frozen autoencoder; defaults to `CalmAutoencoderConfig()`.
+        head_type (`str`, *optional*, defaults to `"energy"`):
+            The generative head: `"energy"` (the paper's: one step, trained with the energy score), or the official
+            ablations `"flow"` (flow matching, 10 midpoint steps) and `"diffusion"` (DDPM, 100 steps), both on the
+            MLP-AdaLN network (`modeling_flow_head.py`, `modeling_diffusion_head.py`).
         num_mlp_layers (`int`, *optional*, defaults to 4):
-            Residual blocks of the energy head.
+            Residual blocks of the head.
         noise_size (`int`, *optional*, defaults to 64):
-            Size of the uniform noise vector the energy head turns into a latent sample.
+            Size of the uniform noise vector the energy head turns into a latent sample (energy head only).
         num_samples (`int`, *optional*, defaults to 8):
-            N, head samples per position in the energy loss (at least 2: the diversity term compares samples).
+            N, head samples per position in the energy loss (at least 2: the diversity term compares samples); for
+            the flow and diffusion heads, the posterior samples per position their loss is trained on.
         num_targets (`int`, *optional*, defaults to 100):
             M, target samples per position drawn from the autoencoder posterior in the energy loss (hard-coded to
-            100 in the official code).
+            100 in the official code; energy head only).
         energy_alpha (`float`, *optional*, defaults to 1.0):
             alpha, the exponent of the distance in the energy score, in (0, 2) (`beta` in the official config).
         use_cache (`bool`, *optional*, defaults to `True`):
@@ -88,6 +94,7 @@ class CalmConfig(PreTrainedConfig):
         self,
         backbone_config=None,
         autoencoder_config=None,
+        head_type="energy",
         num_mlp_layers=4,
         noise_size=64,
         num_samples=8,
@@ -96,8 +103,12 @@ class CalmConfig(PreTrainedConfig):
         use_cache=True,
         **kwargs,
     ):
-        if num_samples < 2:
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}.")
+        if head_type == "energy" and num_samples < 2:
             raise ValueError(f"num_samples (N) must be >= 2 for the energy score's diversity term, got {num_samples}.")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if num_targets < 1:
             raise ValueError(f"num_targets (M) must be >= 1, got {num_targets}.")
         if not 0 < energy_alpha < 2:
@@ -143,6 +154,7 @@ class CalmConfig(PreTrainedConfig):
         backbone_config.pad_token_id = autoencoder_config.pad_token_id
         self.backbone_config = backbone_config
 
+        self.head_type = head_type
         self.num_mlp_layers = num_mlp_layers
         self.noise_size = noise_size
         self.num_samples = num_samples

@@ -60,6 +60,13 @@ _BACKBONE_FIELDS = (
 )
 # Official CALMConfig fields of the energy head that map one-to-one onto ours (its `beta` is our `energy_alpha`).
 _HEAD_FIELDS = ("num_mlp_layers", "noise_size", "num_samples")
+# The official classes of the three generative heads, and the model types their configs are built with.
+_OFFICIAL_ARCHITECTURES = {
+    "EnergyTransformer": "energy",
+    "FlowTransformer": "flow",
+    "DiffusionTransformer": "diffusion",
+}
+_OFFICIAL_MODEL_TYPES = {"energy": "energy", "calm": "energy", "flow": "flow", "diffusion": "diffusion"}
 # Official CALMConfig fields that the autoencoder defines for the whole model: they must agree with it.
 _SHARED_FIELDS = ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")
 # Official CALM tensor-name prefixes -> ours. `generative_head.*` duplicates `mlp_generator.*` (one module registered
@@ -176,12 +183,26 @@ def _autoencoder_sizes_from_tensors(state_dict: dict[str, torch.Tensor], prefix:
     }
 
 
+def official_head_type(official: dict) -> str:
+    """`"energy"`, `"flow"` or `"diffusion"` of an official `CALMConfig` dict. Saved official configs have no
+    `model_type` (it is an instance attribute, dropped on saving: they all read back as "energy"), so the class in
+    `architectures` decides; `model_type` only where `architectures` is absent."""
+    for architecture in official.get("architectures") or []:
+        if architecture in _OFFICIAL_ARCHITECTURES:
+            return _OFFICIAL_ARCHITECTURES[architecture]
+    model_type = official.get("model_type", "energy")
+    if model_type not in _OFFICIAL_MODEL_TYPES:
+        raise ValueError(
+            f"Unknown generative head: this checkpoint's model_type is {model_type!r} and its architectures "
+            f"{official.get('architectures')}; the official heads are {sorted(_OFFICIAL_MODEL_TYPES)} "
+            f"({', '.join(_OFFICIAL_ARCHITECTURES)})."
+        )
+    return _OFFICIAL_MODEL_TYPES[model_type]
+
+
 def calm_config_from_official(official: dict, autoencoder_config: CalmAutoencoderConfig) -> CalmConfig:
     """Our config from an official `CALMConfig` dict and the autoencoder's config."""
-    if official.get("model_type", "energy") not in ("energy", "calm"):
-        raise ValueError(
-            f"Only the energy head is supported; this checkpoint's model_type is {official['model_type']!r}."
-        )
+    head_type = official_head_type(official)
     for name in _SHARED_FIELDS:
         value, expected = official.get(name), getattr(autoencoder_config, name)
         if value is not None and value != expected:
@@ -199,6 +220,7 @@ def calm_config_from_official(official: dict, autoencoder_config: CalmAutoencode
     return CalmConfig(
         backbone_config=LlamaConfig(**backbone, rope_parameters=rope_parameters),
         autoencoder_config=autoencoder_config.to_dict(),
+        head_type=head_type,
         energy_alpha=official.get("beta", 1.0),
         dtype="float32",
         **{name: official[name] for name in _HEAD_FIELDS if official.get(name) is not None},
@@ -220,7 +242,8 @@ def calm_state_dict_from_official(state_dict: dict[str, torch.Tensor]) -> dict[s
 
 
 def convert_calm(calm_source: str, autoencoder_source: str | None = None) -> CalmForCausalLM:
-    """Load an official CALM (energy) checkpoint, with its embedded autoencoder, as a `CalmForCausalLM`."""
+    """Load an official CALM checkpoint (energy, flow or diffusion head), with its embedded autoencoder, as a
+    `CalmForCausalLM`."""
     with open(os.path.join(calm_source, "config.json")) as f:
         official_config = json.load(f)
     state_dict = load_official_state_dict(calm_source)
@@ -257,7 +280,9 @@ def copy_tokenizer_files(source: str, output: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--autoencoder", help="official autoencoder (or CALM) checkpoint directory")
-    parser.add_argument("--calm", help="official CALM (energy) checkpoint directory: convert the language model")
+    parser.add_argument(
+        "--calm", help="official CALM checkpoint directory (energy, flow or diffusion head): convert the language model"
+    )
     parser.add_argument("--output", required=True, help="directory to write the converted checkpoint to")
     args = parser.parse_args(argv)
     if args.autoencoder is None and args.calm is None:

@@ -199,9 +199,7 @@ class CalmGenerationMixin(GenerationMixin):
             outputs = self.model(
                 input_ids=fed_ids, attention_mask=fed_mask if padded else None, cache=cache, use_cache=use_cache
             )
-            chunk = self._next_chunk(
-                outputs.last_hidden_state[:, -1], sequences.shape[1], min_length, eos, sampler
-            )
+            chunk = self._next_chunk(outputs.last_hidden_state[:, -1], sequences.shape[1], min_length, eos, sampler)
             start = sequences.shape[1]
             for token in chunk.unbind(-1):  # the criteria see one new token at a time, as in a token-level loop
                 if pad_finished:

@@ -23,8 +23,13 @@ from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin
 from .generation_configuration_calm import CalmGenerationConfig
 from .modeling_calm_autoencoder import CalmAutoencoder, check_input_ids
+from .modeling_diffusion_head import CalmDiffusionHead
 from .modeling_energy_head import CalmEnergyHead, CalmEnergyHeadOutputLayer, energy_score_terms
+from .modeling_flow_head import CalmAdaLNLinear, CalmFlowHead
 from .sampling import CalmSamplingMixin
+
+# The generative heads by `config.head_type`: the paper's energy head and the official ablations.
+HEADS = {"energy": CalmEnergyHead, "flow": CalmFlowHead, "diffusion": CalmDiffusionHead}
 
 
 @dataclass
@@ -109,6 +114,8 @@ class CalmPreTrainedModel(PreTrainedModel):
         if isinstance(module, CalmEnergyHeadOutputLayer):
             init.zeros_(module.weight)  # the head starts by predicting the zero vector, as the official code does
             init.zeros_(module.bias)
+        elif isinstance(module, CalmAdaLNLinear):
+            module.official_init()  # the flow / diffusion network's official init (xavier, time MLP, zeros)
         else:
             super()._init_weights(module)
 
@@ -247,7 +254,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
     def __init__(self, config: CalmConfig):
         super().__init__(config)
         self.model = CalmModel(config)
-        self.generative_head = CalmEnergyHead(config)
+        self.generative_head = HEADS[config.head_type](config)
         self.autoencoder = CalmAutoencoder(config.autoencoder_config)
         self.post_init()
         self._freeze_autoencoder()
@@ -370,7 +377,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
                     f"chunk i + 1 is predicted from chunks 0..i; got sequence_length {input_ids.shape[1]}."
                 )
             token_mask = attention_mask if attention_mask is not None and cache is None else None
-            loss, fidelity, diversity = self.energy_loss(hidden_states[:, :-1], labels, token_mask)
+            loss, fidelity, diversity = self.head_loss(hidden_states[:, :-1], labels, token_mask)
 
         output = CalmCausalLMOutputWithPast(
             loss=loss,
@@ -383,28 +390,34 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         )
         return output if return_dict else output.to_tuple()
 
-    def energy_loss(
+    def head_loss(
         self, hidden_states: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Energy loss of predicting chunks 1..L-1 of `labels` from `hidden_states` `(batch, L - 1, hidden_size)`.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The head's loss of predicting chunks 1..L-1 of `labels` from `hidden_states` `(batch, L - 1, hidden_size)`.
 
-        Returns `(loss, fidelity, diversity)`, each a mean over the valid target chunks.
+        Returns `(loss, fidelity, diversity)`, each a mean over the valid target chunks; the energy terms are `None` for
+        the flow and diffusion heads.
         """
         K = self.config.patch_size
         target_ids = labels[:, K:]
         valid = target_ids != -100
         if attention_mask is not None:
             valid = valid & (attention_mask[:, K:] != 0)
-        valid_chunks = valid.unflatten(1, (-1, K)).all(-1)  # (batch, L - 1)
+        weights = valid.unflatten(1, (-1, K)).all(-1).float()  # (batch, L - 1): the valid target chunks
+        count = weights.sum().clamp(min=1)
         with torch.no_grad():
             mean, log_std = self.encode_chunks(target_ids.masked_fill(target_ids == -100, 0))
+        if self.config.head_type != "energy":
+            # N posterior samples per position as targets (drawn before the head's own draws, as officially).
+            eps = torch.randn((self.config.num_samples, *mean.shape), device=mean.device, dtype=torch.float32)
+            targets = (mean.float() + eps * log_std.float().exp()).to(hidden_states.dtype)
+            loss = self.generative_head.loss_terms(hidden_states, targets)["loss"]
+            return (loss.float() * weights).sum() / count, None, None
         # N head samples per position, each with its own noise; noise is drawn before the targets, as officially.
         samples = self.sample_latents(hidden_states, num_samples=self.config.num_samples)
         fidelity, diversity = energy_score_terms(
             samples, mean, log_std, num_targets=self.config.num_targets, alpha=self.config.energy_alpha
         )
-        weights = valid_chunks.to(fidelity.dtype)
-        count = weights.sum().clamp(min=1)
         fidelity = (fidelity * weights).sum() / count
         diversity = (diversity * weights).sum() / count
         return 2 * fidelity - diversity, fidelity, diversity

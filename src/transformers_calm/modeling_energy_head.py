@@ -72,6 +72,15 @@ class CalmEnergyHead(nn.Module):
         self.mlp_blocks = nn.ModuleList([CalmEnergyHeadBlock(config.hidden_size) for _ in range(config.num_mlp_layers)])
         self.final_layer = CalmEnergyHeadFinalLayer(config.hidden_size, config.latent_size)
 
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """The randomness of one sample: a uniform vector of `noise_size`."""
+        return (self.noise_size,)
+
+    def draw_noise(self, shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+        """Noise for `shape` samples: `(*shape, noise_size)` uniform in [-0.5, 0.5)."""
+        return torch.rand((*shape, self.noise_size), generator=generator, device=device, dtype=dtype) - 0.5
+
     def sample_noise(self, hidden_states: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform noise in [-0.5, 0.5), one vector of `noise_size` per hidden state."""
         shape = (*hidden_states.shape[:-1], self.noise_size)

@@ -271,11 +271,12 @@ class CalmSamplingMixin:
     `config`)."""
 
     def sample_head_noise(self, shape, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The generative head's randomness for `shape` hidden states: `(*shape, noise_size)` uniform in [-0.5, 0.5),
-        on the model's device and in its dtype. Pass it to [`sample_latents`] as `noise` to control every draw."""
-        weight = self.generative_head.noise_embd.weight
-        shape = (*shape, self.config.noise_size)
-        return torch.rand(shape, generator=generator, device=weight.device, dtype=weight.dtype) - 0.5
+        """The generative head's randomness for `shape` hidden states, `(*shape, *head.noise_shape)`, on the model's
+        device and in its dtype: uniform in [-0.5, 0.5) of `noise_size` for the energy head, the N(0, I) starting
+        point for the flow head, x_T and the 100 step noises for the diffusion head. Pass it to [`sample_latents`] as
+        `noise` to control every draw."""
+        weight = next(self.generative_head.parameters())
+        return self.generative_head.draw_noise(shape, generator=generator, device=weight.device, dtype=weight.dtype)
 
     def sample_latents(
         self,

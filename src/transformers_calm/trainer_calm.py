@@ -88,9 +88,10 @@ class CalmMetrics:
         column = {name: rows[:, index] for index, name in enumerate(STATISTICS)}
         num_positions = column["num_positions"].sum().clamp(min=1)
         briers = [float(column[f"brier{n}_sum"].sum() / num_positions) for n in range(1, MAX_N + 1)]
+        # The energy terms exist for the energy head only (the flow and diffusion heads' columns are NaN).
+        energy = {name: float(column[name].mean()) for name in ("energy_fidelity", "energy_diversity")}
         metrics = {
-            "energy_fidelity": float(column["energy_fidelity"].mean()),
-            "energy_diversity": float(column["energy_diversity"].mean()),
+            **{name: value for name, value in energy.items() if value == value},
             **{f"brier{n}": value for n, value in enumerate(briers, start=1)},
             "brierlm": brierlm_from_briers(briers),
             "reconstruction_accuracy": float(column["correct_tokens"].sum() / column["num_tokens"].sum().clamp(min=1)),

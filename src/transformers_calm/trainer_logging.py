@@ -39,8 +39,14 @@ class LossTermsLoggingMixin:
 
     def _loss_term_columns(self, outputs, batch_size: int, names: tuple[str, ...] | None = None) -> list[torch.Tensor]:
         """The batch mean of each of the `loss_terms` of `outputs` (or of `names`), repeated `batch_size` times
-        (float64)."""
-        return [outputs[name].detach().double().mean().expand(batch_size) for name in names or self.loss_terms]
+        (float64); NaN for a term the outputs do not have."""
+        columns = []
+        for name in names or self.loss_terms:
+            value = outputs.get(name)
+            if value is None:  # a term this model's head does not have (e.g. the energy terms of a flow head): NaN
+                value = torch.full((), float("nan"), device=outputs["loss"].device)
+            columns.append(value.detach().double().mean().expand(batch_size))
+        return columns
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the `loss_terms` to the periodic train logs (those with a `loss`), then logs as `Trainer.log`.
