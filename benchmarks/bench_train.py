@@ -121,7 +121,7 @@ def main(argv=None) -> None:
 
     def head_and_loss():
         with autocast():
-            loss = calm.energy_loss(hidden_states, input_ids)[0]
+            loss = calm.head_loss(hidden_states, input_ids)[0]
         loss.backward()
         calm.zero_grad(set_to_none=True)
         hidden_states.grad = None
