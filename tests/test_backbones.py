@@ -123,3 +123,32 @@ def test_trust_remote_code_without_the_package(backbone_type, tmp_path, run_with
         torch.save({"ids": ids, "hidden": model(ids).last_hidden_state}, tmp_path / "expected.pt")
     backbone_class = type(model.model.backbone).__name__
     run_without_package(REMOTE_CODE_CHILD, [tmp_path / "model", backbone_class, tmp_path / "expected.pt"], cwd=tmp_path)
+
+
+def test_a_backbone_without_llama_field_names_saves_with_its_card(tmp_path):
+    """GPT-2 names its sizes n_embd / n_layer / n_head and has no intermediate_size: the model card reads what exists."""
+    model = tiny_calm(
+        backbone={"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+        backbone_type="gpt2",
+        autoencoder=AUTOENCODER,
+    )
+    model.save_pretrained(tmp_path / "gpt2-calm")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2-calm").eval()
+    ids = random_ids(2, 12, seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).last_hidden_state, model(ids).last_hidden_state, atol=0, rtol=0)
+    assert "GPT2" in (tmp_path / "gpt2-calm" / "README.md").read_text()
+
+
+def test_the_callers_backbone_config_is_not_changed():
+    backbone = Qwen3Config(vocab_size=32000, pad_token_id=31999, hidden_size=32, head_dim=8)
+    config = CalmConfig(backbone_config=backbone, autoencoder_config={"vocab_size": 97, "pad_token_id": 0})
+    assert (config.backbone_config.vocab_size, config.backbone_config.pad_token_id) == (97, 0)
+    assert (backbone.vocab_size, backbone.pad_token_id) == (32000, 31999)
+    assert CalmConfig(backbone_config=backbone) == CalmConfig(backbone_config=backbone)
+    assert CalmConfig(backbone_config=backbone, num_samples=8) != CalmConfig(backbone_config=backbone, num_samples=16)
+
+
+def test_resizing_the_vocabulary_says_why_it_cannot():
+    with pytest.raises(NotImplementedError, match="vocabulary is its frozen autoencoder's"):
+        make("llama").resize_token_embeddings(120)

@@ -880,3 +880,17 @@ def test_output_attentions_come_back():
     out = model(make_ids(num_chunks=3), output_attentions=True)
     assert len(out.attentions) == TINY_BACKBONE["num_hidden_layers"]
     assert out.attentions[0].shape[-2:] == (3, 3)
+
+
+def test_labels_outside_the_vocabulary_name_the_labels():
+    model = tiny_model()
+    ids = make_ids(num_chunks=3)
+    labels = ids.clone()
+    labels[0, -1] = AE_KWARGS["vocab_size"] + 3
+    with pytest.raises(ValueError, match=r"labels contain the token id 64, outside the vocabulary \[0, 61\)"):
+        model(ids, labels=labels)
+
+
+def test_autoencoder_config_equality_compares_every_field():
+    assert CalmAutoencoderConfig(patch_size=4) != CalmAutoencoderConfig(patch_size=8)
+    assert CalmAutoencoderConfig(patch_size=4) == CalmAutoencoderConfig(patch_size=4)

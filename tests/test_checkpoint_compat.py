@@ -5,6 +5,7 @@ still load, into the new composite config, and compute what they computed.
 model as that release wrote it (its config.json, generation_config.json, weights, model card and model code) and
 `reference_outputs.safetensors`, outputs computed by that release."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,9 @@ def test_previous_release_checkpoint_loads_into_the_composite_config(reference):
     assert (config.num_mlp_layers, config.noise_size, config.num_samples, config.num_targets) == (2, 8, 4, 16)
     generation_config = model.generation_config
     assert type(generation_config) is CalmGenerationConfig
-    assert (generation_config.temperature, generation_config.num_candidates) == (0.5, 200)
+    assert generation_config.temperature == 0.5
+    effective = copy.deepcopy(generation_config).with_calm_defaults()  # what generate() uses
+    assert (effective.num_candidates, effective.do_sample) == (200, True)
     check_outputs(model, reference)
 
 

@@ -148,7 +148,8 @@ def test_max_length_form_and_precedence(model):
     assert model.generate(ids, max_length=12).shape == (1, 12)  # 7 new tokens, not a multiple of K
     assert model.generate(ids, max_length=12, max_new_tokens=4).shape == (1, 9)  # max_new_tokens wins
     assert model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2)).shape == (1, 7)
-    default = model.generate(ids)  # transformers' default: 20 new tokens, as for any causal LM
+    with pytest.warns(UserWarning, match="model-agnostic default"):  # as for any causal LM
+        default = model.generate(ids)  # transformers' default: 20 new tokens
     assert default.shape == (1, 5 + GenerationConfig._get_default_generation_params()["max_length"])
 
 
@@ -214,7 +215,7 @@ def record_hidden_states(monkeypatch, model) -> list[torch.Tensor]:
 def test_partial_first_chunk_is_left_padded_and_masked(model, monkeypatch):
     """A 5-token prompt (K = 3) is left-padded to 6: the prefill sees one masked position first, and the result is
     exactly that of the same prompt padded explicitly, whatever the id under the mask or the pad_token_id (the
-    model's pad id 0 has a zero embedding row anyway, so ids 7 and 9 are the informative cases)."""
+    model's pad id 0 has a zero embedding row anyway, so id 9 under the mask is the informative case)."""
     ids = prompt(5, seed=1)
     calls = count_backbone_calls(monkeypatch, model)
     hidden = record_hidden_states(monkeypatch, model)
@@ -227,7 +228,7 @@ def test_partial_first_chunk_is_left_padded_and_masked(model, monkeypatch):
 
     hidden.clear()
     other_pad = model.generate(ids, max_new_tokens=6, generator=seeded(0), pad_token_id=7)
-    assert calls[-2]["input_ids"][0, 0] == 7  # the fill uses pad_token_id ...
+    assert calls[-2]["input_ids"][0, 0] == 0  # the fill is id 0, whatever pad_token_id is ...
     assert torch.equal(other_pad, out)
     assert all(torch.equal(a, b) for a, b in zip(hidden, reference_hidden, strict=True))  # ... and is invisible
     for filler in (PAD, 9):

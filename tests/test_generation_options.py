@@ -5,6 +5,7 @@ likelihood (each rejected with its reason), and `CalmGenerationConfig` itself.
 Tiny models (CPU, offline) from `factories`, with a head scaled so that samples depend on the context and the noise,
 and a word-level tokenizer `w0 .. w15` over the 16-token vocabulary."""
 
+import copy
 import time
 
 import pytest
@@ -189,6 +190,8 @@ ACTIVE = {
     "output_attentions": True,
     "output_hidden_states": True,
     "watermarking_config": WatermarkingConfig(),
+    "cache_implementation": "static",
+    "token_healing": True,
 }
 
 
@@ -252,7 +255,7 @@ def test_synced_gpus_is_rejected(model):
 def test_generation_config_is_calms_and_round_trips(model, tmp_path):
     assert type(model.generation_config) is CalmGenerationConfig
     config = CalmGenerationConfig(num_candidates=17, exact_temperature=True, max_draws=99, temperature=0.4)
-    assert config.do_sample is True  # CALM's head is a sampler
+    assert config.do_sample is None and copy.deepcopy(config).with_calm_defaults().do_sample is True  # a sampler
     config.save_pretrained(tmp_path)
     loaded = CalmGenerationConfig.from_pretrained(tmp_path)
     assert (loaded.num_candidates, loaded.exact_temperature, loaded.max_draws, loaded.temperature) == (
@@ -275,12 +278,73 @@ def test_generation_config_is_calms_and_round_trips(model, tmp_path):
         ({"num_candidates": 0}, "num_candidates must be an integer >= 1"),
         ({"max_draws": 0}, "max_draws must be an integer >= 1"),
         ({"num_candidates": 2.5}, "num_candidates"),
-        ({"temperature": 1.5}, r"temperature must be in \(0, 1\]"),
     ],
 )
 def test_generation_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CalmGenerationConfig(**kwargs)
+
+
+def test_a_temperature_above_one_loads_but_does_not_generate_or_save(model, tmp_path):
+    """A generation config shared with token-level models may hold T > 1: it loads (so the model loads), and
+    generate() and saving (strict validation) say why it cannot be used."""
+    config = CalmGenerationConfig(temperature=1.5)
+    with pytest.raises(ValueError, match=r"temperature must be in \(0, 1\]"):
+        config.validate(strict=True)
+    with pytest.raises(ValueError, match=r"temperature must be in \(0, 1\]"):
+        model.generate(prompt(3), max_new_tokens=K, generation_config=config)
+
+
+def test_a_passed_calm_config_does_not_override_the_models_settings(model, monkeypatch):
+    """Fields a passed CalmGenerationConfig leaves unset come from model.generation_config (CALM's own included)."""
+    seen = []
+    original = model.sample_next_chunk
+
+    def spy(hidden_states, **kwargs):
+        seen.append((kwargs["do_sample"], kwargs["num_candidates"]))
+        return original(hidden_states, **kwargs)
+
+    monkeypatch.setattr(model, "sample_next_chunk", spy)
+    model.generation_config.do_sample, model.generation_config.num_candidates = False, 9
+    try:
+        model.generate(prompt(3), generation_config=CalmGenerationConfig(max_new_tokens=K))
+        model.generate(prompt(3), generation_config=GenerationConfig(max_new_tokens=K), num_candidates=5)
+    finally:
+        model.generation_config.do_sample, model.generation_config.num_candidates = None, None
+    assert seen == [(False, 9), (False, 5)]
+
+
+def test_max_length_of_a_generation_config_counts_the_prompt(model):
+    """As for a Llama: a `max_length` set in a generation config (passed or the model's) includes the prompt; only
+    transformers' own default (20) counts new tokens, with its warning, and is clamped to the context."""
+    assert model.generate(prompt(5), generation_config=GenerationConfig(max_length=12)).shape == (1, 12)
+    model.generation_config.max_length = 12
+    try:
+        assert model.generate(prompt(5)).shape == (1, 12)
+    finally:
+        model.generation_config.max_length = None
+    with pytest.warns(UserWarning, match="model-agnostic default `max_length`"):
+        assert model.generate(prompt(5)).shape == (1, 25)
+    long_prompt = prompt(model.config.max_tokens - 3)
+    with pytest.warns(UserWarning, match="model-agnostic default"):
+        out = model.generate(long_prompt)
+    assert out.shape[1] <= model.config.max_tokens
+
+
+def test_left_padding_is_inferred_from_the_pad_id_without_a_mask(model):
+    """As transformers does when no attention_mask is given: leading pad ids are padding."""
+    ids = prompt(4, seed=5)
+    ids[ids == 0] = 1
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], dim=1)  # pad id 0
+    kwargs = {"max_new_tokens": 2 * K, "eos_token_id": None}
+    inferred = model.generate(padded, generator=seeded(3), **kwargs)
+    masked = model.generate(padded, attention_mask=(padded != 0).long(), generator=seeded(3), **kwargs)
+    assert torch.equal(inferred, masked)
+
+
+def test_continuing_from_a_cache_is_rejected(model):
+    with pytest.raises(ValueError, match="continuing from a given cache is not supported"):
+        model.generate(prompt(3), max_new_tokens=K, past_key_values=object())
 
 
 def test_generation_config_defaults_leave_top_k_unset():

@@ -1,5 +1,7 @@
 """Configuration of the CALM language model (Shao et al., 2025, arXiv 2510.27688, section 3)."""
 
+import copy
+
 from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
 
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
@@ -147,6 +149,8 @@ class CalmConfig(PreTrainedConfig):
             backbone_config = dict(backbone_config)
             model_type = backbone_config.pop("model_type", "llama")
             backbone_config = AutoConfig.for_model(model_type, **backbone_config)
+        else:
+            backbone_config = copy.deepcopy(backbone_config)  # its vocabulary and pad are set below: not the caller's
         if getattr(backbone_config, "is_encoder_decoder", False):
             raise ValueError(f"backbone_config must be a decoder-only config, got a {type(backbone_config).__name__}.")
         # The backbone's token embedding is CALM's input embedding: its rows are the autoencoder's token ids.
@@ -163,6 +167,13 @@ class CalmConfig(PreTrainedConfig):
         self.use_cache = use_cache
         kwargs.setdefault("tie_word_embeddings", False)  # CALM has no output embedding to tie
         super().__init__(**kwargs)
+
+    def __eq__(self, other):
+        # transformers >= 5.20 makes every config subclass a dataclass whose `==` compares the declared fields only,
+        # and this class declares none: compare what is saved.
+        return isinstance(other, PreTrainedConfig) and type(self) is type(other) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
 
     # One source of truth: the autoencoder. Read-only, so that they cannot drift apart.
     @property

@@ -115,43 +115,67 @@ class CalmGenerationMixin(GenerationMixin):
         if synced_gpus:
             raise ValueError("synced_gpus=True is not supported by CALM's generate(); generate on each process alone.")
 
-        requested = dict(kwargs)
+        # As transformers decides it, before the defaults are merged: was a length asked for anywhere?
+        has_default_max_length = (
+            kwargs.get("max_length") is None
+            and (generation_config is None or generation_config.max_length is None)
+            and self.generation_config.max_length is None
+        )
+        has_default_min_length = (
+            kwargs.get("min_length") is None
+            and (generation_config is None or generation_config.min_length is None)
+            and self.generation_config.min_length is None
+        )
         if generation_config is not None and kwargs:
             # Keyword arguments override the fields of a given config (pipelines pass both). Merged here, so that
             # transformers (< 5.12) does not log its deprecation of passing both on the caller's behalf.
-            generation_config = copy.deepcopy(generation_config)
+            generation_config = copy.deepcopy(CalmGenerationConfig.from_generation_config(generation_config))
             kwargs = generation_config.update(**kwargs)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        generation_config = CalmGenerationConfig.from_generation_config(generation_config)
+        generation_config = CalmGenerationConfig.from_generation_config(generation_config).with_calm_defaults()
         unsupported = generation_config.unsupported_options()
         if unsupported:
             raise ValueError("CALM cannot use these generation options:\n- " + "\n- ".join(unsupported.values()))
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         attention_mask = model_kwargs.pop("attention_mask", None)
         use_cache = generation_config.use_cache is not False
+        for name in ("past_key_values", "cache"):
+            if model_kwargs.get(name) is not None:
+                raise ValueError(
+                    f"generate() got {name}: continuing from a given cache is not supported; pass the whole prompt "
+                    "(the prefill is one backbone pass over its chunks)."
+                )
+            model_kwargs.pop(name, None)
         if model_kwargs:
             raise ValueError(f"generate() got unknown arguments {sorted(model_kwargs)}.")
-        input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError("input_ids must be a non-empty prompt of shape (batch_size, prompt_length).")
         temperature = check_temperature(1.0 if generation_config.temperature is None else generation_config.temperature)
 
         device = input_ids.device
         self._prepare_special_tokens(generation_config, attention_mask is not None, device=device)
+        if attention_mask is None:
+            # As transformers: left pads are recognised by the pad id (unless it is also the EOS id).
+            attention_mask = self._prepare_attention_mask_for_generation(input_ids, generation_config, {})
+            if (attention_mask[:, 1:] < attention_mask[:, :-1]).any() or not attention_mask[:, -1].all():
+                attention_mask = None  # pad ids inside a prompt are tokens, not left padding
+        input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
         prompt_length = input_ids.shape[1]
+        K = self.config.patch_size
         generation_config = self._prepare_generated_length(
             generation_config,
-            has_default_max_length=requested.get("max_length") is None and generation_config.max_length is not None,
-            has_default_min_length=requested.get("min_length") is None and generation_config.min_length is not None,
+            has_default_max_length=has_default_max_length,
+            has_default_min_length=has_default_min_length,
             model_input_name="input_ids",
             input_ids_length=prompt_length,
             inputs_tensor=input_ids,
         )
+        if has_default_max_length and generation_config.max_new_tokens is None:
+            # transformers clamps its default length to the context; CALM's context is in chunks of K tokens.
+            room = self.config.max_tokens - (-prompt_length) % K
+            generation_config.max_length = min(generation_config.max_length, max(room, prompt_length + 1))
+        self._validate_generated_length(generation_config, prompt_length, has_default_max_length)
         max_length = generation_config.max_length
-        if max_length <= prompt_length:
-            raise ValueError(
-                f"Nothing to generate: the prompt has {prompt_length} tokens and max_length is {max_length}. Raise "
-                "max_new_tokens or max_length."
-            )
-        K = self.config.patch_size
         if max_length + (-prompt_length) % K > self.config.max_tokens:
             raise ValueError(
                 f"The prompt ({prompt_length} tokens, padded to whole chunks of K = {K}) and the continuation up to "
@@ -178,7 +202,7 @@ class CalmGenerationMixin(GenerationMixin):
 
         # Left-pad to whole chunks: the partial chunk is the first one, far from the continuation.
         fill = (-prompt_length) % K
-        chunk_ids = torch.nn.functional.pad(input_ids, (fill, 0), value=0 if pad is None else int(pad))
+        chunk_ids = torch.nn.functional.pad(input_ids, (fill, 0), value=0)  # masked: any id in the vocabulary
         token_mask = torch.nn.functional.pad(attention_mask, (fill, 0), value=0)
         # Without any padding the backbone needs no mask (plain causal attention), which saves building one per step.
         padded = bool(fill) or not bool(attention_mask.all())
@@ -240,8 +264,6 @@ class CalmGenerationMixin(GenerationMixin):
 
 
 def _check_prompt(input_ids, attention_mask) -> tuple[torch.LongTensor, torch.Tensor]:
-    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError("input_ids must be a non-empty prompt of shape (batch_size, prompt_length).")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.shape != input_ids.shape:

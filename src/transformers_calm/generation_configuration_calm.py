@@ -39,10 +39,14 @@ UNSUPPORTED_OPTIONS = {
     "assistant_early_exit": "assisted decoding verifies draft tokens with likelihoods, which CALM does not have",
     "output_attentions": "generate() does not return backbone attentions yet; call the model's forward for them",
     "output_hidden_states": "generate() does not return hidden states yet; call the model's forward for them",
+    "cache_implementation": "generate() uses a DynamicCache of the backbone; static and other caches are not supported yet",
+    "token_healing": "token healing re-scores the prompt's last token with next-token probabilities, which CALM lacks",
 }
 # What each option is when it asks for nothing (transformers' own defaults, or `None`).
 _INACTIVE = {
     "num_beams": (None, 1),
+    "top_k": (None, 0),  # 0 disables top-k in transformers
+    "token_healing": (None, False),
     "num_beam_groups": (None, 1),
     "top_p": (None, 1.0),
     "typical_p": (None, 1.0),
@@ -61,6 +65,10 @@ _INACTIVE = {
 }
 
 
+# CALM's own fields when nothing sets them.
+CALM_DEFAULTS = {"num_candidates": 200, "exact_temperature": False, "max_draws": 10_000}
+
+
 class CalmGenerationConfig(GenerationConfig):
     r"""
     [`~transformers.GenerationConfig`] of [`CalmForCausalLM`], saved as `generation_config.json`.
@@ -69,39 +77,48 @@ class CalmGenerationConfig(GenerationConfig):
     (`max_new_tokens`, `max_length`, `min_new_tokens`, `max_time`, `stop_strings`, `eos_token_id`, `pad_token_id`,
     `num_return_sequences`, `return_dict_in_generate`, `use_cache`), and so does `temperature`, in (0, 1]: CALM applies it
     without likelihoods (paper, section 5). Options that only reshape or return logits (beams, top-k/top-p,
-    repetition penalties, logits processors, `output_scores`) are rejected by `validate()` with the reason: CALM's head
-    is a sampler without a likelihood.
+    repetition penalties, logits processors, `output_scores`) are rejected by `generate()` with the reason: CALM's head
+    is a sampler without a likelihood ([`unsupported_options`]).
 
     Args:
-        num_candidates (`int`, *optional*, defaults to 200):
+        num_candidates (`int`, *optional*, 200 when unset):
             N of the batch approximation (the paper's Algorithm 2): head samples per row and chunk from which a
             temperature < 1 sample, or the mode (`do_sample=False`), is chosen.
-        exact_temperature (`bool`, *optional*, defaults to `False`):
+        exact_temperature (`bool`, *optional*, `False` when unset):
             Use the paper's exact rejection sampler (Algorithm 1) for temperature < 1 instead of the approximation.
-        max_draws (`int`, *optional*, defaults to 10000):
+        max_draws (`int`, *optional*, 10000 when unset):
             Draws per row and chunk after which the exact sampler falls back to the approximation over them.
-        do_sample (`bool`, *optional*, defaults to `True`):
+        do_sample (`bool`, *optional*, `True` when unset):
             CALM's head is a sampler: `True` samples (at `temperature`), `False` returns the most frequent of
             `num_candidates` samples.
         kwargs:
             Any other `GenerationConfig` field.
     """
 
-    def __init__(self, num_candidates=200, exact_temperature=False, max_draws=10_000, **kwargs):
-        # Before the base init, which calls validate() (reading these).
+    def __init__(self, num_candidates=None, exact_temperature=None, max_draws=None, **kwargs):
+        # Unset (None) unless asked for, like every GenerationConfig field: generate() fills them from the model's
+        # generation config, then from CALM_DEFAULTS, so a config passed to generate() does not override the model's
+        # settings with class defaults. Set before the base init, which calls validate() (reading them).
         self.num_candidates = num_candidates
         self.exact_temperature = exact_temperature
         self.max_draws = max_draws
-        kwargs.setdefault("do_sample", True)
         super().__init__(**kwargs)
 
     @staticmethod
     def _get_default_generation_params() -> dict:
         # generate() fills unset fields with these. transformers' defaults include top_k=50, a logits processor CALM
-        # cannot apply: leave it unset, so that only an explicit top_k is rejected.
+        # cannot apply: leave it unset, so that only an explicit top_k is rejected. CALM's head is a sampler:
+        # do_sample defaults to True.
         defaults = GenerationConfig._get_default_generation_params()
-        defaults["top_k"] = None
+        defaults.update(top_k=None, do_sample=True, **CALM_DEFAULTS)
         return defaults
+
+    def with_calm_defaults(self) -> "CalmGenerationConfig":
+        """This config with CALM's unset fields (`do_sample` included) at their defaults (in place)."""
+        for name, value in {**CALM_DEFAULTS, "do_sample": True}.items():
+            if getattr(self, name, None) is None:
+                setattr(self, name, value)
+        return self
 
     @classmethod
     def from_model_config(cls, model_config) -> "CalmGenerationConfig":
@@ -132,20 +149,29 @@ class CalmGenerationConfig(GenerationConfig):
         return found
 
     def validate(self, strict: bool = False, **kwargs):
-        """transformers' checks, then CALM's: `num_candidates` and `max_draws` >= 1, `temperature` in (0, 1]. The
-        options CALM rejects are reported by `generate()` (see [`unsupported_options`]), so that a generation config
-        shared with token-level models can still be loaded and saved."""
+        """transformers' checks, then CALM's: `num_candidates` and `max_draws` integers >= 1 when set; with
+        `strict=True` (as when saving) also `temperature` in (0, 1]. `generate()` checks the temperature it uses and
+        rejects the options CALM cannot apply ([`unsupported_options`]), so that a generation config shared with
+        token-level models still loads."""
         for name in ("num_candidates", "max_draws"):
             value = getattr(self, name, None)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         temperature = getattr(self, "temperature", None)
-        if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature <= 1):
+        if strict and temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature <= 1):
             raise ValueError(
                 f"temperature must be in (0, 1], got {temperature!r}: likelihood-free temperature sampling can only "
                 "sharpen the model's distribution (P^(1/T) through repeated samples). For its mode use do_sample=False."
             )
-        return super().validate(strict=strict, **kwargs)
+        # An unset do_sample means sampling for CALM (its head is a sampler): validate the sampling options as such.
+        unset = getattr(self, "do_sample", None) is None
+        if unset:
+            self.do_sample = True
+        try:
+            return super().validate(strict=strict, **kwargs)
+        finally:
+            if unset:
+                self.do_sample = None
 
 
-__all__ = ["UNSUPPORTED_OPTIONS", "CalmGenerationConfig"]
+__all__ = ["CALM_DEFAULTS", "UNSUPPORTED_OPTIONS", "CalmGenerationConfig"]

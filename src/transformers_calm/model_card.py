@@ -35,6 +35,20 @@ def _table(rows) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
 
+def _backbone_summary(backbone) -> str:
+    """Layers, widths and heads of any decoder config, with transformers' standard names where it has them."""
+    fields = (
+        ("num_hidden_layers", "{} layers"),
+        ("hidden_size", "hidden size {}"),
+        ("intermediate_size", "intermediate size {}"),
+        ("num_attention_heads", "{} attention heads"),
+    )
+    parts = [text.format(getattr(backbone, name)) for name, text in fields if getattr(backbone, name, None) is not None]
+    if parts and getattr(backbone, "num_key_value_heads", None) is not None:
+        parts[-1] += f" ({backbone.num_key_value_heads} key/value heads)"
+    return ", ".join(parts) or type(backbone).__name__
+
+
 def _calm_details(model) -> tuple[list, str]:
     config, ae, backbone = model.config, model.config.autoencoder_config, model.config.backbone_config
     family = type(backbone).__name__.removesuffix("Config")  # e.g. Llama, Qwen3
@@ -43,13 +57,12 @@ def _calm_details(model) -> tuple[list, str]:
         ("Class", f"`{type(model).__name__}`"),
         ("Tokens per step, K (`patch_size`)", config.patch_size),
         ("Latent vector size, l (`latent_size`)", config.latent_size),
+        (f"Backbone ({family})", _backbone_summary(backbone)),
         (
-            f"Backbone ({family})",
-            f"{backbone.num_hidden_layers} layers, hidden size {backbone.hidden_size}, intermediate size "
-            f"{backbone.intermediate_size}, {backbone.num_attention_heads} attention heads "
-            f"({getattr(backbone, 'num_key_value_heads', None) or backbone.num_attention_heads} key/value heads)",
+            f"Generative head ({config.head_type})",
+            f"{config.num_mlp_layers} residual blocks"
+            + (f", noise size {config.noise_size}" if config.head_type == "energy" else ""),
         ),
-        ("Energy head", f"{config.num_mlp_layers} residual blocks, noise size {config.noise_size}"),
         (
             "Autoencoder (frozen)",
             f"hidden size {ae.hidden_size}, intermediate size {ae.intermediate_size}, "

@@ -284,6 +284,13 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
     def set_input_embeddings(self, value: nn.Embedding):
         self.model.set_input_embeddings(value)
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise NotImplementedError(
+            "CALM's vocabulary is its frozen autoencoder's (vocab_size, the decoder's output layer, K and l come from "
+            "it), so the token embeddings cannot be resized. Train an autoencoder with the new tokenizer, then a "
+            "language model around it (CalmForCausalLM.from_autoencoder)."
+        )
+
     @classmethod
     def from_autoencoder(cls, autoencoder: CalmAutoencoder, config: CalmConfig | None = None, **config_kwargs):
         """A new, randomly initialised language model around a trained (frozen) autoencoder.
@@ -370,6 +377,13 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
                 raise ValueError(
                     f"labels {tuple(labels.shape)} must have the shape of input_ids "
                     f"{None if input_ids is None else tuple(input_ids.shape)}."
+                )
+            targets = labels[labels != -100]
+            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.config.vocab_size):
+                bad = int(targets.min()) if int(targets.min()) < 0 else int(targets.max())
+                raise ValueError(
+                    f"labels contain the token id {bad}, outside the vocabulary [0, {self.config.vocab_size}); use "
+                    "-100 for positions to ignore, and the tokenizer the autoencoder was trained with."
                 )
             if input_ids.shape[1] < 2 * self.config.patch_size:
                 raise ValueError(
