@@ -305,12 +305,13 @@ def test_a_passed_calm_config_does_not_override_the_models_settings(model, monke
         return original(hidden_states, **kwargs)
 
     monkeypatch.setattr(model, "sample_next_chunk", spy)
+    assert (model.generation_config.do_sample, model.generation_config.num_candidates) == (True, 200)  # the model's
     model.generation_config.do_sample, model.generation_config.num_candidates = False, 9
     try:
         model.generate(prompt(3), generation_config=CalmGenerationConfig(max_new_tokens=K))
         model.generate(prompt(3), generation_config=GenerationConfig(max_new_tokens=K), num_candidates=5)
     finally:
-        model.generation_config.do_sample, model.generation_config.num_candidates = None, None
+        model.generation_config.do_sample, model.generation_config.num_candidates = True, 200
     assert seen == [(False, 9), (False, 5)]
 
 

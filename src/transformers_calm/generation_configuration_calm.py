@@ -122,11 +122,11 @@ class CalmGenerationConfig(GenerationConfig):
 
     @classmethod
     def from_model_config(cls, model_config) -> "CalmGenerationConfig":
-        """The defaults of a model: CALM's sampler defaults and the model's special tokens (read from `CalmConfig`,
-        which takes them from the autoencoder; transformers' own version reads only the config's serialised fields)."""
-        return cls(
-            **{name: getattr(model_config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        )
+        """The defaults of a model: sampling with CALM's sampler defaults, and the model's special tokens (read from
+        `CalmConfig`, which takes them from the autoencoder; transformers' own version reads only the config's
+        serialised fields). Written out, so that generation_config.json says how the model samples."""
+        tokens = {name: getattr(model_config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        return cls(**tokens, do_sample=True, **CALM_DEFAULTS)
 
     @classmethod
     def from_generation_config(cls, config: GenerationConfig) -> "CalmGenerationConfig":
