@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .modeling_flow_head import CalmMLPAdaLN
+from .modeling_flow_head import CalmMLPAdaLN, loss_rows, sampling_inputs
 
 NUM_TRAIN_STEPS = 1000
 NUM_SAMPLE_STEPS = 100
@@ -152,12 +152,8 @@ class CalmDiffusionHead(nn.Module):
         """Latent samples for backbone states `(..., hidden_size)`: `(..., latent_size)`, or `(num_samples, ...,
         latent_size)`; `noise` `(..., 101, latent_size)` holds x_T and the noise of each step. `temperature` scales the
         per-step noise only (the official sampler's argument; CALM's temperature sampling does not use it)."""
-        leading = hidden_states.shape[:-1] if num_samples is None else (num_samples, *hidden_states.shape[:-1])
-        if noise is None:
-            noise = self.draw_noise(leading, generator, hidden_states.device, hidden_states.dtype)
-        elif tuple(noise.shape) != (*leading, *self.noise_shape):
-            raise ValueError(f"noise must have shape {(*leading, *self.noise_shape)}, got {tuple(noise.shape)}.")
-        c = hidden_states.expand(*leading, hidden_states.shape[-1])
+        c, noise = sampling_inputs(self, hidden_states, noise, generator, num_samples)
+        leading = c.shape[:-1]
         diffusion = self.sample_diffusion
         x = noise[..., 0, :].to(hidden_states.dtype)
         for k, i in enumerate(reversed(range(NUM_SAMPLE_STEPS))):
@@ -171,8 +167,7 @@ class CalmDiffusionHead(nn.Module):
     def loss_terms(self, hidden_states, targets, generator=None) -> dict[str, torch.Tensor]:
         """Diffusion loss (MSE + VB in bits) of `targets` `(S, ..., latent_size)` given the states `(..., hidden_size)`:
         `{"loss": (...)}`, the mean over samples."""
-        c = hidden_states.expand(*targets.shape[:-1], hidden_states.shape[-1])
-        flat_targets, flat_c = targets.reshape(-1, targets.shape[-1]), c.reshape(-1, c.shape[-1])
+        flat_targets, flat_c = loss_rows(hidden_states, targets)
         # Draw order as the official DiffLoss: t, then the noise (rows sample-major).
         t = torch.randint(0, NUM_TRAIN_STEPS, (flat_targets.shape[0],), device=targets.device, generator=generator)
         noise = torch.randn(flat_targets.shape, device=targets.device, dtype=flat_targets.dtype, generator=generator)

@@ -83,9 +83,7 @@ class CalmEnergyHead(nn.Module):
 
     def sample_noise(self, hidden_states: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform noise in [-0.5, 0.5), one vector of `noise_size` per hidden state."""
-        shape = (*hidden_states.shape[:-1], self.noise_size)
-        uniform = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device, generator=generator)
-        return uniform.sub_(0.5)
+        return self.draw_noise(hidden_states.shape[:-1], generator, hidden_states.device, hidden_states.dtype)
 
     def forward(
         self,

@@ -115,6 +115,25 @@ class CalmMLPAdaLN(nn.Module):
         return self.final_layer(x, condition)
 
 
+def sampling_inputs(head, hidden_states, noise, generator, num_samples):
+    """The conditions and the noise of a head's sampler (flow or diffusion): the states `(..., hidden_size)` expanded to
+    the samples' leading shape (`(num_samples, ...)` with `num_samples`), and the head's noise for them, drawn when
+    `None`, else checked against `head.noise_shape`."""
+    leading = hidden_states.shape[:-1] if num_samples is None else (num_samples, *hidden_states.shape[:-1])
+    if noise is None:
+        noise = head.draw_noise(leading, generator, hidden_states.device, hidden_states.dtype)
+    elif tuple(noise.shape) != (*leading, *head.noise_shape):
+        raise ValueError(f"noise must have shape {(*leading, *head.noise_shape)}, got {tuple(noise.shape)}.")
+    return hidden_states.expand(*leading, hidden_states.shape[-1]), noise
+
+
+def loss_rows(hidden_states, targets):
+    """Targets `(S, ..., latent_size)` and their states `(..., hidden_size)` as rows, sample-major (row s * M + m), the
+    order in which the official heads flatten them and draw their times and noise."""
+    c = hidden_states.expand(*targets.shape[:-1], hidden_states.shape[-1])
+    return targets.reshape(-1, targets.shape[-1]), c.reshape(-1, c.shape[-1])
+
+
 class CalmFlowHead(nn.Module):
     """Flow-matching head: velocity prediction with the MLP-AdaLN network, 10 midpoint steps to sample.
 
@@ -141,12 +160,8 @@ class CalmFlowHead(nn.Module):
     def forward(self, hidden_states, noise=None, generator=None, num_samples=None) -> torch.Tensor:
         """Latent samples for backbone states `(..., hidden_size)`: `(..., latent_size)`, or `(num_samples, ...,
         latent_size)`; `noise` is the starting point x0 of each sample."""
-        leading = hidden_states.shape[:-1] if num_samples is None else (num_samples, *hidden_states.shape[:-1])
-        if noise is None:
-            noise = self.draw_noise(leading, generator, hidden_states.device, hidden_states.dtype)
-        elif tuple(noise.shape) != (*leading, self.latent_size):
-            raise ValueError(f"noise must have shape {(*leading, self.latent_size)}, got {tuple(noise.shape)}.")
-        c = hidden_states.expand(*leading, hidden_states.shape[-1])
+        c, noise = sampling_inputs(self, hidden_states, noise, generator, num_samples)
+        leading = c.shape[:-1]
         x = noise.to(hidden_states.dtype)
         steps = self.num_steps // 2
         dt = 1.0 / steps
@@ -159,8 +174,7 @@ class CalmFlowHead(nn.Module):
     def loss_terms(self, hidden_states, targets, generator=None) -> dict[str, torch.Tensor]:
         """Flow-matching loss of `targets` `(S, ..., latent_size)` (S posterior samples per state) given the states
         `(..., hidden_size)`: `{"loss": (...)}`, the mean over samples of the per-sample squared velocity error."""
-        c = hidden_states.expand(*targets.shape[:-1], hidden_states.shape[-1])
-        flat_targets, flat_c = targets.reshape(-1, targets.shape[-1]), c.reshape(-1, c.shape[-1])
+        flat_targets, flat_c = loss_rows(hidden_states, targets)
         # Draw order as the official FlowLoss: t, then x0 (rows sample-major).
         t = torch.rand(flat_targets.shape[0], device=targets.device, generator=generator)
         x0 = torch.randn(flat_targets.shape, device=targets.device, dtype=flat_targets.dtype, generator=generator)
