@@ -22,7 +22,7 @@ from .compat import CACHE_NAME
 from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin
 from .generation_configuration_calm import CalmGenerationConfig
-from .modeling_calm_autoencoder import CalmAutoencoder, check_input_ids
+from .modeling_calm_autoencoder import CalmAutoencoder, check_input_ids, id_outside_vocabulary
 from .modeling_diffusion_head import CalmDiffusionHead
 from .modeling_energy_head import CalmEnergyHead, CalmEnergyHeadOutputLayer, energy_score_terms
 from .modeling_flow_head import CalmAdaLNLinear, CalmFlowHead
@@ -378,9 +378,8 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
                     f"labels {tuple(labels.shape)} must have the shape of input_ids "
                     f"{None if input_ids is None else tuple(input_ids.shape)}."
                 )
-            targets = labels[labels != -100]
-            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.config.vocab_size):
-                bad = int(targets.min()) if int(targets.min()) < 0 else int(targets.max())
+            bad = id_outside_vocabulary(labels[labels != -100], self.config.vocab_size)
+            if bad is not None:
                 raise ValueError(
                     f"labels contain the token id {bad}, outside the vocabulary [0, {self.config.vocab_size}); use "
                     "-100 for positions to ignore, and the tokenizer the autoencoder was trained with."

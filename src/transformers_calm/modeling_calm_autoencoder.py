@@ -17,6 +17,16 @@ from transformers.utils import ModelOutput
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
 
 
+def id_outside_vocabulary(ids: torch.Tensor, vocab_size: int) -> int | None:
+    """An id of `ids` outside `[0, vocab_size)` (the smallest if one is negative, else the largest), or `None`."""
+    if ids.numel() == 0:
+        return None
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        return low
+    return high if high >= vocab_size else None
+
+
 def check_input_ids(input_ids: torch.LongTensor, config) -> None:
     """Token ids `(batch, L)` with L a positive multiple of K (`config.patch_size`) and every id inside the vocabulary
     (`config.vocab_size`), or an error that says how to fix them. Shared by the autoencoder and the language model."""
@@ -29,10 +39,10 @@ def check_input_ids(input_ids: torch.LongTensor, config) -> None:
             f"reads and predicts whole chunks of K tokens. Pad or truncate to a multiple of {K}, or group texts into "
             "blocks whose length is a multiple of K."
         )
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
+    bad = id_outside_vocabulary(input_ids, vocab_size)
+    if bad is not None:
         raise ValueError(
-            f"input_ids contain the token id {low if low < 0 else high}, outside the vocabulary [0, {vocab_size}) of "
+            f"input_ids contain the token id {bad}, outside the vocabulary [0, {vocab_size}) of "
             f"this model. Use the tokenizer the autoencoder was trained with (len(tokenizer) must be {vocab_size}); "
             "-100 may mark ignored labels, not input ids."
         )
@@ -321,4 +331,10 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["CalmAutoencoder", "CalmAutoencoderOutput", "CalmAutoencoderPreTrainedModel", "check_input_ids"]
+__all__ = [
+    "CalmAutoencoder",
+    "CalmAutoencoderOutput",
+    "CalmAutoencoderPreTrainedModel",
+    "check_input_ids",
+    "id_outside_vocabulary",
+]
