@@ -168,11 +168,8 @@ class CalmConfig(PreTrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)  # CALM has no output embedding to tie
         super().__init__(**kwargs)
 
-    def __eq__(self, other):
-        # transformers >= 5.20 makes every config subclass a dataclass whose `==` compares the declared fields only,
-        # and this class declares none: compare what is saved.
-        return isinstance(other, PreTrainedConfig) and type(self) is type(other) and self.to_dict() == other.to_dict()
-
+    # Compare what is saved, as CalmAutoencoderConfig does (see there why transformers' `==` is not enough).
+    __eq__ = CalmAutoencoderConfig.__eq__
     __hash__ = None
 
     # One source of truth: the autoencoder. Read-only, so that they cannot drift apart.

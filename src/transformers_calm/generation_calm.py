@@ -157,7 +157,7 @@ class CalmGenerationMixin(GenerationMixin):
         if attention_mask is None:
             # As transformers: left pads are recognised by the pad id (unless it is also the EOS id).
             attention_mask = self._prepare_attention_mask_for_generation(input_ids, generation_config, {})
-            if (attention_mask[:, 1:] < attention_mask[:, :-1]).any() or not attention_mask[:, -1].all():
+            if _has_right_padding(attention_mask) or not attention_mask[:, -1].all():
                 attention_mask = None  # pad ids inside a prompt are tokens, not left padding
         input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
         prompt_length = input_ids.shape[1]
@@ -263,13 +263,18 @@ class CalmGenerationMixin(GenerationMixin):
         return chunk
 
 
+def _has_right_padding(attention_mask: torch.Tensor) -> bool:
+    """Whether a 0 follows a 1 in some row: padding that is not all on the left."""
+    return bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any())
+
+
 def _check_prompt(input_ids, attention_mask) -> tuple[torch.LongTensor, torch.Tensor]:
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}.")
     attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-    if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
+    if _has_right_padding(attention_mask):
         raise ValueError(
             "Found right padding in attention_mask: pads would sit between a prompt and its continuation. Pad prompts "
             "on the left (tokenizer.padding_side = 'left')."

@@ -67,6 +67,8 @@ _INACTIVE = {
 
 # CALM's own fields when nothing sets them.
 CALM_DEFAULTS = {"num_candidates": 200, "exact_temperature": False, "max_draws": 10_000}
+# Every field whose unset value CALM decides: its own, and do_sample (its head is a sampler).
+UNSET_DEFAULTS = {"do_sample": True, **CALM_DEFAULTS}
 
 
 class CalmGenerationConfig(GenerationConfig):
@@ -109,13 +111,13 @@ class CalmGenerationConfig(GenerationConfig):
         # generate() fills unset fields with these. transformers' defaults include top_k=50, a logits processor CALM
         # cannot apply: leave it unset, so that only an explicit top_k is rejected. CALM's head is a sampler:
         # do_sample defaults to True.
-        defaults = GenerationConfig._get_default_generation_params()
-        defaults.update(top_k=None, do_sample=True, **CALM_DEFAULTS)
-        return defaults
+        return {**GenerationConfig._get_default_generation_params(), "top_k": None, **UNSET_DEFAULTS}
 
     def with_calm_defaults(self) -> "CalmGenerationConfig":
-        """This config with CALM's unset fields (`do_sample` included) at their defaults (in place)."""
-        for name, value in {**CALM_DEFAULTS, "do_sample": True}.items():
+        """This config with CALM's unset fields (`do_sample` included) at their defaults (in place). `generate` calls
+        it after transformers' merge, which fills only the fields a config already has: a plain `GenerationConfig`
+        read from an old `generation_config.json` may lack CALM's."""
+        for name, value in UNSET_DEFAULTS.items():
             if getattr(self, name, None) is None:
                 setattr(self, name, value)
         return self
@@ -126,7 +128,7 @@ class CalmGenerationConfig(GenerationConfig):
         `CalmConfig`, which takes them from the autoencoder; transformers' own version reads only the config's
         serialised fields). Written out, so that generation_config.json says how the model samples."""
         tokens = {name: getattr(model_config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        return cls(**tokens, do_sample=True, **CALM_DEFAULTS)
+        return cls(**tokens, **UNSET_DEFAULTS)
 
     @classmethod
     def from_generation_config(cls, config: GenerationConfig) -> "CalmGenerationConfig":
