@@ -237,7 +237,8 @@ class CalmGenerationMixin(GenerationMixin):
             if not unfinished.any():
                 break
             # The chunk as it stands in the sequences (finished rows feed their pads, as a token-level loop does).
-            fed_mask = torch.cat([token_mask, torch.ones_like(sequences[:, prompt_length:])], dim=-1)
+            if padded:  # an unpadded batch runs without a mask
+                fed_mask = torch.cat([token_mask, torch.ones_like(sequences[:, prompt_length:])], dim=-1)
             fed_ids = (
                 sequences[:, start:] if use_cache else torch.cat([chunk_ids, sequences[:, prompt_length:]], dim=-1)
             )
