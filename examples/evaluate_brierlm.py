@@ -15,7 +15,8 @@ The protocol (official CALM evaluation; the numbers depend on every item, so rep
 - Positions: CALM (`--positions chunk`, the official evaluation) scores the n-grams that start at chunk boundaries,
   chunks 1..N-1 of every block (2047 positions per 8192-token block, K = 4); `--positions token` scores every token
   position, but CALM then predicts an n-gram that starts inside a chunk from the whole chunks before it only.
-  Other LMs are scored at every token position i = 0..T-5 of a block (context x_0..x_i).
+  Other LMs are scored at every token position i = 0..T-5 of a block (context x_0..x_i), or, with `--positions chunk
+  --patch_size K`, only where an n-gram starts a chunk of K tokens: CALM's positions and contexts, like for like.
 - Samples: two per position; BrierLM = 100 x geometric mean of Brier-1..4. For LMs with logits the exact Brier-n
   (Monte Carlo collision term for n > 1 with a real vocabulary) is printed beside it as a cross-check.
 
@@ -53,7 +54,18 @@ def parse_args(argv=None):
         help=f"Tokens per block (default: {DEFAULT_CONTEXT_LENGTH['calm']} for CALM, "
         f"{DEFAULT_CONTEXT_LENGTH['causal_lm']} for other LMs, capped at the model's maximum length).",
     )
-    parser.add_argument("--positions", choices=["chunk", "token"], default=None, help="CALM only (default: chunk).")
+    parser.add_argument(
+        "--positions",
+        choices=["chunk", "token"],
+        default=None,
+        help="Default: chunk for CALM, token for other LMs; `chunk` for another LM needs --patch_size.",
+    )
+    parser.add_argument(
+        "--patch_size",
+        type=int,
+        default=None,
+        help="With --positions chunk for a token-level LM: K of the CALM to compare with (n-grams at chunk starts).",
+    )
     parser.add_argument("--batch_size", type=int, default=1, help="Blocks per forward pass.")
     parser.add_argument("--rollout_batch_size", type=int, default=64, help="Roll-out rows per forward pass.")
     parser.add_argument("--seed", type=int, default=0)
@@ -96,6 +108,7 @@ def main(argv=None) -> dict:
         seed=args.seed,
         max_n=args.max_n,
         positions=args.positions,
+        patch_size=args.patch_size,
         exact=not args.no_exact,
         max_blocks=args.max_blocks,
         rollout_batch_size=args.rollout_batch_size,

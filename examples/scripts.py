@@ -14,6 +14,7 @@ import datasets
 import transformers
 
 from transformers_calm.data import load_blocks
+from transformers_calm.trainer_calm import CalmTrainingArguments
 
 
 @dataclass
@@ -53,10 +54,11 @@ class ScriptDataArguments:
 
 
 @dataclass
-class OfficialTrainingArguments(transformers.TrainingArguments):
-    """`TrainingArguments` whose defaults are the official CALM runs' optimiser settings: AdamW (0.9, 0.95), weight
-    decay 0.1, constant learning rate 3e-4, gradient clipping 1.0. (The official warmup_steps, 1000 for the
-    autoencoder and 2000 for CALM, are ignored by the "constant" scheduler, so they are not set.)"""
+class OfficialTrainingArguments(CalmTrainingArguments):
+    """`CalmTrainingArguments` whose defaults are the official CALM runs' optimiser settings: AdamW (0.9, 0.95), weight
+    decay 0.1, constant learning rate 3e-4, gradient clipping 1.0, one learning rate for every parameter (no
+    `head_learning_rate`). (The official warmup_steps, 1000 for the autoencoder and 2000 for CALM, are ignored by the
+    "constant" scheduler, so they are not set.)"""
 
     learning_rate: float = field(default=3e-4)
     adam_beta2: float = field(default=0.95)

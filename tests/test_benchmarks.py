@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import json
 import os
 import random
 import re
@@ -19,9 +20,9 @@ BENCH_GENERATE = REPO_ROOT / "benchmarks" / "bench_generate.py"
 BENCH_TRAIN = REPO_ROOT / "benchmarks" / "bench_train.py"
 
 
-def run_quick(script: Path) -> str:
+def run_quick(script: Path, *arguments: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(script), "--quick"],
+        [sys.executable, str(script), "--quick", *arguments],
         cwd=REPO_ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -115,3 +116,193 @@ def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
     flop_share = re.search(r"^head\+loss flop share: ([0-9.]+)$", stdout, flags=re.MULTILINE)
     assert flop_share and 0 < float(flop_share.group(1)) < 1, stdout
     assert re.search(r"^flop ratio calm: [0-9.]+$", stdout, flags=re.MULTILINE), stdout
+
+
+# ------------------------------------------------------------------------------------------------ bench_quality
+
+BENCH_QUALITY = REPO_ROOT / "benchmarks" / "bench_quality.py"
+SWEEP_RECIPE = REPO_ROOT / "benchmarks" / "sweep_recipe.py"
+
+
+@pytest.fixture(scope="module")
+def bench_quality():
+    return load_bench(BENCH_QUALITY)
+
+
+def small_language(bench_quality, seed=0):
+    # 5 token ids (3..7) for 12 chunks: many chunks share their first tokens, so n-gram prefixes collide.
+    return bench_quality.SyntheticChunkLanguage(num_chunks=12, vocab_size=8, patch_size=4, successors=3, seed=seed)
+
+
+def test_synthetic_language_blocks_follow_its_chain(bench_quality):
+    language = small_language(bench_quality)
+    assert torch.allclose(language.stationary @ language.transition, language.stationary, atol=1e-12)
+    assert ((language.transition > 0).sum(1) == 3).all() and torch.allclose(
+        language.transition.sum(1), torch.ones(12, dtype=torch.float64)
+    )
+    blocks = language.sample_blocks(300, 16, seed=1)
+    assert blocks.shape == (300, 16) and blocks.min() >= 3 and blocks.max() < 8
+    index = {tuple(c): i for i, c in enumerate(language.chunks.tolist())}
+    chunks = [[index[tuple(b[k : k + 4])] for k in range(0, 16, 4)] for b in blocks.tolist()]
+    for row in chunks:
+        for prev, nxt in zip(row, row[1:], strict=False):
+            assert language.transition[prev, nxt] > 0
+    with pytest.raises(ValueError, match="multiple of K"):
+        language.sample_blocks(1, 10, seed=0)
+    with pytest.raises(ValueError, match="distinct chunks"):
+        bench_quality.SyntheticChunkLanguage(num_chunks=100, vocab_size=6, patch_size=4)
+
+
+def test_synthetic_optimal_brier_matches_monte_carlo(bench_quality):
+    """The exact optimum (expected collision probability of the true distribution, by enumeration) against a
+    Monte Carlo estimate from two independent draws of the true conditional at random positions, drawn by a separate
+    route (posterior vectors over the current chunk given the visible prefix); tolerance 5 standard errors."""
+    language = small_language(bench_quality)
+    block_size, K, S = 16, 4, 40_000
+    optimal = language.optimal_brier(block_size)
+    generator = torch.Generator().manual_seed(0)
+    chunks, transition, pi = language.chunks, language.transition, language.stationary
+
+    def draw(probs):  # one index per row of probs
+        return torch.multinomial(probs.float(), 1, generator=generator).squeeze(1)
+
+    def agreement(positions):
+        c, j = (positions + 1) // K, (positions + 1) % K
+        prev = draw(pi.expand(S, -1))
+        prior = torch.where((c == 0)[:, None], pi.expand(S, -1), transition[prev])
+        current = draw(prior)  # the true chunk the n-gram starts in; its first j tokens are visible
+        visible = torch.arange(K)[None] < j[:, None]
+        matches = ((chunks[None] == chunks[current][:, None]) | ~visible[:, None]).all(-1)
+        posterior = prior * matches
+        posterior = posterior / posterior.sum(1, keepdim=True)
+        grams = []
+        for _ in range(2):  # two independent continuations of the same context
+            cur = draw(posterior)
+            nxt = draw(transition[cur])
+            tokens = torch.cat([chunks[cur], chunks[nxt]], 1)
+            grams.append(torch.stack([tokens[r, j[r] : j[r] + 4] for r in range(S)]))
+        same = (grams[0] == grams[1]).long().cumprod(1).double()
+        return same.mean(0), same.std(0) / S**0.5
+
+    chunk_mean, chunk_se = agreement(torch.randint(1, block_size // K, (S,), generator=generator) * K - 1)
+    token_mean, token_se = agreement(torch.randint(0, block_size - 4, (S,), generator=generator))
+    for n in range(4):
+        assert abs(chunk_mean[n] - optimal["chunk"][f"brier{n + 1}"]) < 5 * chunk_se[n] + 1e-9
+        assert abs(token_mean[n] - optimal["token"][f"brier{n + 1}"]) < 5 * token_se[n] + 1e-9
+    # Inside a chunk its first tokens are known: the every-token optimum is higher.
+    assert optimal["token"]["brierlm"] > optimal["chunk"]["brierlm"] > 0
+
+
+@pytest.mark.slow  # the benchmark as a child process
+def test_bench_quality_quick_runs_and_writes_curves(tmp_path):
+    stdout = run_quick(BENCH_QUALITY, "--output_dir", str(tmp_path))
+    report = json.loads((tmp_path / "quality_synthetic.json").read_text())
+    assert (tmp_path / "quality_synthetic.png").stat().st_size > 0
+    assert list(report["models"]) == ["llama", "calm-energy", "calm-flow", "calm-diffusion"]
+    for name, run in report["models"].items():
+        steps = [p["step"] for p in run["curve"]]
+        assert steps == [2, 4] and run["flops_per_step"] > 0
+        assert all(p["train_flops"] == p["step"] * run["flops_per_step"] for p in run["curve"])
+        scorings = {"chunk", "token"} if name == "llama" else {"chunk"}
+        for scoring in scorings:
+            assert all(-1 <= p[f"{scoring}_brier1"] <= 1 and p[f"{scoring}_brierlm"] >= 0 for p in run["curve"])
+        if name != "llama":
+            assert run["autoencoder_flops"] == report["autoencoder"]["flops"] > 0
+    assert report["corpus"]["optimal"]["chunk"]["brierlm"] > 0
+    assert "optimal BrierLM" in stdout and "unconditional chunk model" in stdout
+
+
+@pytest.mark.slow  # the sweep as child processes
+def test_sweep_recipe_runs_rows_and_writes_a_table(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SWEEP_RECIPE),
+            "--rows",
+            "recipe",
+            "l=32",
+            "--output_dir",
+            str(tmp_path),
+            "--",
+            "--quick",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    table = (tmp_path / "sweep_synthetic.md").read_text()
+    assert "| recipe |" in table and "| l=32 |" in table
+
+
+@pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # a random Llama
+def test_llama_chunk_scoring_of_the_benchmark_is_the_protocols(bench_quality):
+    """bench_quality scores the Llama's chunk-aligned positions from its every-token draws: the same numbers as
+    score_model(..., positions="chunk", patch_size=K)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from transformers_calm.brierlm import score_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=11,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    llama = LlamaForCausalLM(config).eval()
+    blocks = torch.randint(0, 11, (5, 16), generator=torch.Generator().manual_seed(1))
+    args = argparse.Namespace(eval_batch_size=2, seed=3, patch_size=4)
+    point = bench_quality.evaluate_brier(llama, blocks, args, is_calm=False)
+    reference = score_model(
+        llama,
+        input_ids=blocks,
+        seed=3,
+        positions="chunk",
+        patch_size=4,
+        batch_size=2,
+        exact_collision=False,
+        progress=False,
+    )
+    for n in range(1, 5):
+        assert point[f"chunk_brier{n}"] == pytest.approx(reference[f"brier{n}"], abs=1e-12)
+    assert point["chunk_exact_brier1"] == pytest.approx(reference["exact_brier1"], abs=1e-9)
+
+
+def test_bench_quality_wikitext_defaults_are_the_demos(bench_quality):
+    """`--corpus wikitext` is the demo's comparison: its sizes, budget and recipe, read from the demo's own defaults."""
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    import demo
+
+    bench, ours = bench_quality.parse_args(["--corpus", "wikitext"]), demo.parse_args([])
+    pairs = {
+        "hidden_size": "hidden_size",
+        "intermediate_size": "intermediate_size",
+        "num_layers": "num_hidden_layers",
+        "num_heads": "num_attention_heads",
+        "num_mlp_layers": "num_mlp_layers",
+        "latent_size": "latent_size",
+        "ae_hidden_size": "ae_hidden_size",
+        "ae_intermediate_size": "ae_intermediate_size",
+        "ae_steps": "ae_max_steps",
+        "ae_learning_rate": "ae_learning_rate",
+        "token_dropout": "token_dropout",
+        "latent_dropout": "latent_dropout",
+        "max_steps": "calm_max_steps",
+        "learning_rate": "calm_learning_rate",
+        "lr_scheduler_type": "calm_lr_scheduler_type",
+        "vocab_size": "vocab_size",
+        "block_size": "block_size",
+        "batch_size": "batch_size",
+        "num_heldout_documents": "num_heldout_documents",
+    }
+    assert {b: getattr(bench, b) for b in pairs} == {b: getattr(ours, d) for b, d in pairs.items()}
+    assert bench.head_lr_scale == 1.0 and ours.calm_head_learning_rate is None
+    # Given values win over the corpus defaults.
+    assert bench_quality.parse_args(["--corpus", "wikitext", "--latent_size", "32"]).latent_size == 32
+    assert bench_quality.parse_args([]).latent_size == 32 and bench_quality.parse_args([]).head_lr_scale == 10.0

@@ -548,6 +548,26 @@ def test_exact_brier_matches_enumeration_for_gpt2_with_sdpa():
     assert [result[f"exact_brier{n}"] for n in range(1, MAX_N + 1)] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # a random Llama
+@pytest.mark.parametrize("K", [2, 4])
+def test_llama_chunk_positions_are_the_token_positions_that_start_a_chunk(llama_case, K):
+    """positions='chunk' keeps the positions i = cK - 1 (n-gram x_{cK..}, the n-grams CALM's chunk-aligned estimate
+    scores, same context), with the draws of the every-token run."""
+    model, block, exact = llama_case
+    blocks = block.expand(3, -1)
+    token = model_brier_terms(model, blocks, seed=2)
+    chunk = model_brier_terms(model, blocks, seed=2, positions="chunk", patch_size=K)
+    starts = list(range(K - 1, block.shape[1] - MAX_N, K))  # contexts x_0..x_{cK-1}
+    assert chunk.positions == "chunk" and chunk.terms.shape == (3, len(starts), MAX_N)
+    for name in ("terms", "exact_terms", "samples_1", "samples_2", "references"):
+        torch.testing.assert_close(getattr(chunk, name), getattr(token, name)[:, starts])
+    # The references are the n-grams that start at token cK.
+    torch.testing.assert_close(chunk.references[0, :, 0], block[0, [i + 1 for i in starts]])
+    result = score_model(model, input_ids=blocks, seed=2, positions="chunk", patch_size=K, progress=False)
+    assert result["positions"] == "chunk" and result["num_positions"] == 3 * len(starts)
+    assert result["exact_brier1"] == pytest.approx(exact[starts, 0].mean().item(), abs=1e-6)
+
+
 def test_llama_sampled_and_monte_carlo_brier_are_unbiased(llama_case):
     model, block, exact = llama_case
     repeats = 400  # identical blocks, independent draws (each block has its own generator)
@@ -777,8 +797,14 @@ def test_invalid_arguments():
         score_model(calm, input_ids=torch.ones((1, 4), dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="positions"):
         score_model(calm, input_ids=torch.ones((1, 8), dtype=torch.long), positions="word", progress=False)
-    with pytest.raises(ValueError, match="every token position"):
+    with pytest.raises(ValueError, match="pass both or neither"):
         score_model(llama, input_ids=torch.ones((1, 8), dtype=torch.long), positions="chunk", progress=False)
+    with pytest.raises(ValueError, match="pass both or neither"):
+        score_model(llama, input_ids=torch.ones((1, 8), dtype=torch.long), patch_size=4, progress=False)
+    with pytest.raises(ValueError, match="differs from this CALM's K = 4"):
+        score_model(calm, input_ids=torch.ones((1, 8), dtype=torch.long), patch_size=2, progress=False)
+    with pytest.raises(ValueError, match="one chunk-aligned position"):
+        score_model(llama, input_ids=torch.ones((1, 6), dtype=torch.long), positions="chunk", patch_size=4)
     with pytest.raises(ValueError, match="too short"):
         score_model(llama, input_ids=torch.ones((1, 4), dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="exactly one"):

@@ -162,3 +162,44 @@ def test_trust_remote_code_without_the_package(head_type, tmp_path, run_without_
         latents = model.sample_latents(hidden, noise=noise)
     torch.save({"hidden": hidden, "noise": noise, "latents": latents}, tmp_path / "expected.pt")
     run_without_package(REMOTE_CODE_CHILD, [tmp_path / "model", tmp_path / "expected.pt"], cwd=tmp_path)
+
+
+# ------------------------------------------------------------------------------------ target_noise_scale (flag)
+
+
+def test_target_noise_scale_is_validated_and_saved(tmp_path):
+    assert CalmConfig().target_noise_scale == 1.0  # the official method
+    with pytest.raises(ValueError, match="target_noise_scale must be >= 0"):
+        CalmConfig(target_noise_scale=-0.5)
+    model = tiny_calm(0, target_noise_scale=0.25)
+    model.save_pretrained(tmp_path)
+    assert type(model).from_pretrained(tmp_path).config.target_noise_scale == 0.25
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_target_noise_scale_narrows_the_energy_targets(scale):
+    """The energy loss's fidelity term against targets `mean + scale * std * eps`: at 0 exactly the distance of each
+    head sample to the posterior mean; at 0.5 its expectation over the targets, by Monte Carlo over many targets (the
+    head's draws come first, so the same seed gives the same samples)."""
+    model = tiny_calm(1, target_noise_scale=scale, num_targets=20_000)
+    ids = random_ids(2, 12, seed=2)
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    torch.manual_seed(3)
+    _, fidelity, _ = model.head_loss(hidden, ids)
+    torch.manual_seed(3)
+    samples = model.sample_latents(hidden, num_samples=model.config.num_samples)  # (N, batch, chunks, l)
+    mean, log_std = model.encode_chunks(ids[:, model.config.patch_size :])
+    if scale == 0:
+        expected = (samples - mean).norm(dim=-1).mean()
+        torch.testing.assert_close(fidelity, expected, atol=1e-5, rtol=1e-5)
+        return
+    eps = torch.randn((4000, *mean.shape), generator=torch.Generator().manual_seed(4))
+    distances = (samples[:, None] - (mean + scale * log_std.exp() * eps)[None]).norm(dim=-1)  # (N, S, ...)
+    # Both are means over target draws (20,000 in the loss, 4,000 here): 5 standard errors of the difference, taken
+    # as if the positions and samples were one (conservative: they average out further).
+    tolerance = 5 * distances.std() * (1 / 20_000 + 1 / 4000) ** 0.5
+    assert abs(fidelity - distances.mean()) < tolerance
+    # And the official scale draws wider targets: a larger distance on average.
+    official = tiny_calm(1, num_targets=20_000)
+    torch.manual_seed(3)
+    assert official.head_loss(hidden, ids)[1] > fidelity

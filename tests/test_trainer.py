@@ -63,7 +63,7 @@ def make_blocks(num_blocks, seed=0) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def make_args(tmp_path, **overrides) -> TrainingArguments:
+def make_args(tmp_path, arguments_class=TrainingArguments, **overrides) -> TrainingArguments:
     defaults = {
         "output_dir": str(tmp_path / "out"),
         "use_cpu": True,
@@ -78,7 +78,7 @@ def make_args(tmp_path, **overrides) -> TrainingArguments:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
-    return TrainingArguments(**{**defaults, **overrides})
+    return arguments_class(**{**defaults, **overrides})
 
 
 def train_logs(trainer):
@@ -245,6 +245,63 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     assert not different, f"resumed run differs from the uninterrupted one in {different}"
     # The log history (steps 1..3 restored from the checkpoint, then 4..6) is that of the uninterrupted run, too.
     assert [(e["step"], e["loss"]) for e in train_logs(resumed)] == [(e["step"], e["loss"]) for e in train_logs(full)]
+
+
+def calm_args(tmp_path, **overrides):
+    return make_args(tmp_path, transformers_calm.CalmTrainingArguments, **overrides)
+
+
+def test_head_learning_rate_gives_the_head_its_own_groups_and_schedule(tmp_path):
+    """head_learning_rate: the head's parameters (and only they) in groups at that peak learning rate, each weight
+    decay group split in two, the scheduler scaling every group alike."""
+    args = calm_args(tmp_path, max_steps=4, warmup_steps=2, lr_scheduler_type="linear", head_learning_rate=1e-2)
+    assert args.head_learning_rate == 1e-2
+    trainer = CalmTrainer(model=make_model(), args=args, train_dataset=make_blocks(8))
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    head = {id(p) for p in trainer.model.generative_head.parameters()}
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 4  # (decay, no decay) x (rest, head)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)
+    for group in groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1
+        assert group["initial_lr"] == (1e-2 if in_head.pop() else 1e-3)
+    assert {g["weight_decay"] for g in groups} == {0.0, args.weight_decay}
+    for _ in range(3):
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    ratios = {g["lr"] / g["initial_lr"] for g in groups}
+    assert len(ratios) == 1 and 0 < ratios.pop() < 1  # one schedule: the same fraction of each group's peak
+
+
+def test_head_learning_rate_trains_and_resumes_exactly(tmp_path):
+    """A run with head_learning_rate differs from one without only through the head's learning rate, and resumes
+    exactly from a checkpoint (the optimizer's groups are rebuilt the same way before its state is loaded)."""
+    args = calm_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, head_learning_rate=3e-2)
+    full = CalmTrainer(model=make_model(), args=args, train_dataset=make_blocks(8))
+    full.train()
+    expected = weights(full.model)
+    resumed = CalmTrainer(model=make_model(seed=1), args=args, train_dataset=make_blocks(8))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert all(torch.equal(weights(resumed.model)[name], expected[name]) for name in expected)
+    plain = CalmTrainer(
+        model=make_model(), args=make_args(tmp_path / "plain", max_steps=4), train_dataset=make_blocks(8)
+    )
+    plain.train()
+    start = weights(make_model())
+    moved = lambda w, prefix: sum((w[n] - start[n]).abs().sum().item() for n in w if n.startswith(prefix))  # noqa: E731
+    # With a 30x learning rate the head moves further from its init than with the plain one.
+    assert moved(expected, "generative_head") > 3 * moved(weights(plain.model), "generative_head")
+
+
+def test_head_learning_rate_errors(tmp_path):
+    with pytest.raises(ValueError, match="head_learning_rate must be > 0"):
+        calm_args(tmp_path, head_learning_rate=0.0)
+    model = make_model()
+    model.generative_head.requires_grad_(False)
+    with pytest.raises(ValueError, match="generative head has no trainable parameters"):
+        CalmTrainer(model=model, args=calm_args(tmp_path, head_learning_rate=1e-2)).create_optimizer()
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

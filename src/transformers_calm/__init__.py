@@ -36,10 +36,10 @@ enable_hub_features(CalmAutoencoderPreTrainedModel, CalmPreTrainedModel)
 def __getattr__(name):
     # The trainers are imported on first use: importing transformers' Trainer (and accelerate) would slow down every
     # `import transformers_calm` by seconds.
-    if name == "CalmTrainer":
-        from .trainer_calm import CalmTrainer
+    if name in ("CalmTrainer", "CalmTrainingArguments"):
+        from . import trainer_calm
 
-        return CalmTrainer
+        return getattr(trainer_calm, name)
     if name == "CalmAutoencoderTrainer":
         from .trainer_calm_autoencoder import CalmAutoencoderTrainer
 
@@ -61,6 +61,7 @@ __all__ = [
     "CalmModel",
     "CalmPreTrainedModel",
     "CalmTrainer",
+    "CalmTrainingArguments",
     "__version__",
     "create_model_card",
     "load_brierlm",

@@ -69,6 +69,11 @@ class CalmConfig(PreTrainedConfig):
             100 in the official code; energy head only).
         energy_alpha (`float`, *optional*, defaults to 1.0):
             alpha, the exponent of the distance in the energy score, in (0, 2) (`beta` in the official config).
+        target_noise_scale (`float`, *optional*, defaults to 1.0):
+            Not in the paper (1.0 is the official method): the head's training targets are drawn from the
+            autoencoder posterior with its standard deviation times this, `mean + target_noise_scale * std * eps`
+            (0: the posterior mean itself). Below 1 the head learns a sharper distribution, closer to the decodable
+            posterior means; see the README's small-scale recipe for what it changes.
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the model returns the backbone's key/value cache by default (in eval mode).
         kwargs:
@@ -102,6 +107,7 @@ class CalmConfig(PreTrainedConfig):
         num_samples=8,
         num_targets=100,
         energy_alpha=1.0,
+        target_noise_scale=1.0,
         use_cache=True,
         **kwargs,
     ):
@@ -116,6 +122,10 @@ class CalmConfig(PreTrainedConfig):
         if not 0 < energy_alpha < 2:
             raise ValueError(
                 f"energy_alpha must be in (0, 2) for the energy score to be strictly proper, got {energy_alpha}."
+            )
+        if not target_noise_scale >= 0:
+            raise ValueError(
+                f"target_noise_scale must be >= 0 (1.0: the official posterior), got {target_noise_scale}."
             )
         legacy = {name: kwargs.pop(name) for name in _FROM_AUTOENCODER if name in kwargs}
         legacy_backbone = {name: kwargs.pop(name) for name in _LEGACY_BACKBONE_FIELDS if name in kwargs}
@@ -164,6 +174,7 @@ class CalmConfig(PreTrainedConfig):
         self.num_samples = num_samples
         self.num_targets = num_targets
         self.energy_alpha = energy_alpha
+        self.target_noise_scale = target_noise_scale
         self.use_cache = use_cache
         kwargs.setdefault("tie_word_embeddings", False)  # CALM has no output embedding to tie
         super().__init__(**kwargs)

@@ -8,6 +8,7 @@ step. The frozen autoencoder (`modeling_calm_autoencoder.py`) maps target chunks
 sampled latent vectors back to tokens. Generation lives in `generation_calm.py`.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -420,6 +421,9 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         count = weights.sum().clamp(min=1)
         with torch.no_grad():
             mean, log_std = self.encode_chunks(target_ids.masked_fill(target_ids == -100, 0))
+            scale = self.config.target_noise_scale
+            if scale != 1.0:  # not the official method (1.0); see CalmConfig
+                log_std = log_std + math.log(scale) if scale > 0 else torch.full_like(log_std, -math.inf)
         if self.config.head_type != "energy":
             # N posterior samples per position as targets (drawn before the head's own draws, as officially).
             eps = torch.randn((self.config.num_samples, *mean.shape), device=mean.device, dtype=torch.float32)

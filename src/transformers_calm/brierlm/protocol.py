@@ -134,6 +134,7 @@ def model_brier_terms(
     exact: bool = True,
     exact_collision: bool | None = None,
     rollout_batch_size: int = 64,
+    patch_size: int | None = None,
 ) -> BrierTerms:
     """Per-position BrierLM terms of a batch of blocks `input_ids (batch, T)`, with samples drawn from `model`.
 
@@ -160,10 +161,15 @@ def model_brier_terms(
       for n > 1 exact by enumerating all (n-1)-token prefixes (`exact_collision=True`, or automatically when
       vocab_size ** (max_n - 1) <= ENUMERATION_LIMIT) or else the official Monte Carlo estimate along sample 1
       (`1{x1[:n-1] = x2[:n-1]} * sum_x p(x | context, x1[:n-1])^2`).
+    - Any other causal LM, `positions="chunk"` with `patch_size=K`: only the positions whose n-gram starts a chunk
+      of K tokens (context x_0..x_{cK-1}, n-gram x_{cK..}, c = 1, 2, ...): the positions CALM's chunk-aligned
+      estimate scores, with the same context, so that a token-level LM and a CALM of chunk size K are compared like
+      for like (a token-level model is otherwise also scored inside chunks, where the chunk's first tokens are known).
 
     Args:
         rollout_batch_size: rows (position x sample) continued per forward pass; each row holds a copy of its
             block's KV cache up to its position, so this bounds memory.
+        patch_size: token-level LMs with `positions="chunk"` only: K, the chunk size of the CALM to compare with.
 
     Returns:
         [`BrierTerms`].
@@ -185,13 +191,38 @@ def model_brier_terms(
         positions = positions or "chunk"
         if positions not in ("chunk", "token"):
             raise ValueError(f"positions must be 'chunk' or 'token' for CALM, got {positions!r}.")
+        if patch_size is not None and patch_size != chunk_size(model):
+            raise ValueError(
+                f"patch_size={patch_size} differs from this CALM's K = {chunk_size(model)}; leave it unset."
+            )
         return calm_terms(model, input_ids, generators, max_n, positions, rollout_batch_size)
     positions = positions or "token"
-    if positions != "token":
+    if positions not in ("chunk", "token"):
+        raise ValueError(f"positions must be 'token' or 'chunk' for a token-level LM, got {positions!r}.")
+    if (positions == "chunk") != (patch_size is not None):
         raise ValueError(
-            f"A token-level causal LM is scored at every token position (positions='token'), got {positions!r}."
+            "A token-level LM is scored at chunk-aligned positions with positions='chunk' and patch_size=K (the "
+            "chunk size of the CALM to compare with); pass both or neither."
         )
-    return causal_lm_terms(model, input_ids, generators, max_n, exact, exact_collision, rollout_batch_size)
+    result = causal_lm_terms(model, input_ids, generators, max_n, exact, exact_collision, rollout_batch_size)
+    return result if positions == "token" else chunk_aligned(result, patch_size)
+
+
+def chunk_aligned(result: BrierTerms, patch_size: int) -> BrierTerms:
+    """The positions of a token-level [`BrierTerms`] whose n-gram starts a chunk of `patch_size` tokens.
+
+    Position i has context x_0..x_i and n-gram x_{i+1..}: it starts chunk c when i + 1 = cK, c >= 1. The samples were
+    drawn for every position (the draws of the kept ones do not change), so this equals scoring those alone.
+    """
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer (K), got {patch_size!r}.")
+    keep = slice(patch_size - 1, None, patch_size)
+    fields = ("terms", "exact_terms", "samples_1", "samples_2", "references")
+    values = {name: getattr(result, name) for name in fields}
+    values = {name: None if value is None else value[:, keep] for name, value in values.items()}
+    if values["terms"].shape[1] == 0:
+        raise ValueError(f"Blocks too short for one chunk-aligned position with patch_size = {patch_size}.")
+    return BrierTerms(exact_collision=result.exact_collision, positions="chunk", **values)
 
 
 # ------------------------------------------------------------------------------------------------- the protocol
@@ -213,6 +244,7 @@ def score_model(
     rollout_batch_size: int = 64,
     progress: bool = True,
     return_samples: bool = False,
+    patch_size: int | None = None,
 ) -> dict:
     """BrierLM of a model: draw its samples on blocks of text and average the per-position estimates.
 
@@ -228,8 +260,9 @@ def score_model(
         seed: results are deterministic for a fixed seed (block b draws from a generator seeded with (seed, b)), and
             do not depend on `batch_size` or `rollout_batch_size` up to floating-point effects of batching.
         max_n: longest n-gram (4 in the paper); BrierLM is the geometric mean of Brier-1..max_n.
-        positions: CALM only: "chunk" (default, the official chunk-aligned evaluation) or "token" (every token
-            position; see [`model_brier_terms`] for what it measures). Other LMs are scored at every token.
+        positions: CALM: "chunk" (default, the official chunk-aligned evaluation) or "token" (every token position;
+            see [`model_brier_terms`] for what it measures). Other LMs: "token" (default, every position) or "chunk"
+            with `patch_size` (only where an n-gram starts a chunk of K tokens: CALM's positions, like for like).
         exact: other LMs only: also return `exact_brier1..` and `exact_brierlm` from the logits as a cross-check
             (exact for n = 1; for n > 1 exact or Monte Carlo, see `exact_collision`).
         exact_collision: enumerate every (n-1)-token prefix for an exact collision term (True), use the Monte Carlo
@@ -237,6 +270,7 @@ def score_model(
         max_blocks: score only the first blocks (quick runs).
         rollout_batch_size: rows per roll-out pass (memory bound).
         progress: show a progress bar.
+        patch_size: token-level LMs with `positions="chunk"`: K, the chunk size of the CALM to compare with.
         return_samples: also return `samples_1`, `samples_2`, `references` (`(positions, max_n)` tensors) such that
             `brier_scores(samples_1, samples_2, references)` gives the same Brier-n (not available for CALM chunk
             positions with K < max_n).
@@ -284,6 +318,7 @@ def score_model(
                 exact=exact,
                 exact_collision=exact_collision,
                 rollout_batch_size=rollout_batch_size,
+                patch_size=patch_size,
             )
             used_positions = result.positions
             terms = result.terms.reshape(-1, max_n)

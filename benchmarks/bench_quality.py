@@ -1,0 +1,695 @@
+"""Benchmark: quality per training FLOP, CALM (each generative head) against a Llama with the same backbone.
+
+Every model trains on the same token blocks, in the same order, with the same batch, optimiser (AdamW (0.9, 0.95),
+weight decay 0.1, gradient clipping 1.0) and learning-rate schedule; at regular steps its held-out BrierLM is
+measured. The x-axis is training FLOPs (forward + backward, counted with torch's FlopCounterMode as bench_train.py
+does; CALM's include the autoencoder's training, which comes first) and wall time (training only).
+
+- CALM (`CalmForCausalLM`, `--heads energy flow diffusion`) is scored chunk-aligned (the official estimator).
+- The Llama (`LlamaForCausalLM`, same backbone config) is scored at every token and at the chunk-aligned positions
+  only (`positions="chunk"`: the n-grams that start a chunk of K tokens, with the context CALM has there), so that
+  the comparison with CALM is like for like. Its exact Brier-1 (from the logits) is recorded beside the sampled one.
+
+Corpora:
+  synthetic  a chunk-level Markov language generated here: `--num_chunks` distinct chunks of K random tokens, each
+             followed by one of `--successors` chunks (Dirichlet probabilities). Its optimal BrierLM is computed
+             exactly, chunk-aligned and at every token, so a curve reads as a fraction of the best possible score.
+  wikitext   the bundled WikiText-103 test documents with the demo's split (the last 6 held out) and tokenizer (a
+             4096-token byte-level BPE trained on the training documents), EOS-terminated documents padded to a
+             multiple of K (the demo's "aligned" recipe), cut into blocks.
+
+    python benchmarks/bench_quality.py                       # synthetic, 600 steps: ~15 min on 2 CPU cores
+    python benchmarks/bench_quality.py --corpus wikitext     # the demo's sizes, budget (250 steps) and recipe
+    python benchmarks/bench_quality.py --quick               # tiny, a few steps (used by the tests)
+
+Sizes, budget and recipe default by corpus (`CORPUS_DEFAULTS`; any of them can be given): synthetic, the small-scale
+recipe of benchmarks/sweep_recipe.py (latent 32, the head at 10x the learning rate, constant schedule); wikitext,
+exactly the demo's settings (latent 128, one learning rate, cosine).
+
+Writes `quality_<corpus>.json` (settings, FLOPs per step, every evaluation point) and `quality_<corpus>.png`
+(BrierLM against training FLOPs, log x, one line per model and scoring) into `--output_dir`, and prints a table:
+the final scores and, on the synthetic corpus, the training FLOPs each model needs to reach `--target_fraction` of the
+optimal chunk-aligned BrierLM, with the ratio to the Llama's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
+
+from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalLM
+from transformers_calm.brierlm import model_brier_terms
+from transformers_calm.brierlm.estimator import brier_terms, brierlm_from_briers
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO_ROOT = BENCHMARKS.parent
+sys.path.insert(0, str(BENCHMARKS))
+from bench_generate import count_flops  # noqa: E402
+
+MAX_N = 4
+# Defaults by corpus (every one can be given on the command line). Synthetic: the small-scale recipe the sweep found
+# (benchmarks/sweep_recipe.py; the official values are latent 128, one learning rate, cosine or constant 3e-4).
+# WikiText: the demo's sizes, budget and recipe (examples/demo.py), so that the comparison is the demo's.
+CORPUS_DEFAULTS = {
+    "synthetic": {
+        "vocab_size": 512,
+        "eval_blocks": 32,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_layers": 2,
+        "num_heads": 4,
+        "latent_size": 32,
+        "ae_steps": 100,
+        "ae_learning_rate": 3e-3,
+        "token_dropout": 0.15,
+        "latent_dropout": 0.15,
+        "max_steps": 600,
+        "learning_rate": 1e-3,
+        "head_lr_scale": 10.0,
+        "lr_scheduler_type": "constant_with_warmup",
+        "eval_every": 100,
+    },
+    "wikitext": {
+        "vocab_size": 4096,
+        "eval_blocks": 64,
+        "hidden_size": 256,
+        "intermediate_size": 704,
+        "num_layers": 4,
+        "num_heads": 4,
+        "latent_size": 128,
+        "ae_steps": 400,
+        "ae_learning_rate": 6e-3,
+        "token_dropout": 0.05,
+        "latent_dropout": 0.05,
+        "max_steps": 250,
+        "learning_rate": 2e-3,
+        "head_lr_scale": 1.0,
+        "lr_scheduler_type": "cosine",
+        "eval_every": 50,
+    },
+}
+PAD, BOS, EOS = 0, 1, 2  # the synthetic corpus's special tokens (real chunks use ids 3..vocab_size-1)
+
+
+# --------------------------------------------------------------------------------------- the synthetic language
+
+
+class SyntheticChunkLanguage:
+    """A first-order Markov chain over `num_chunks` distinct chunks of K tokens.
+
+    Each chunk is K tokens drawn uniformly from ids 3..vocab_size-1; chunk c is followed by one of `successors`
+    chunks (drawn at random) with Dirichlet(`concentration`) probabilities. Blocks start at a chunk drawn from the
+    stationary distribution, so every position of every block is stationary, and the optimal Brier scores are exact
+    expectations under it ([`optimal_brier`]).
+    """
+
+    def __init__(self, num_chunks=256, vocab_size=512, patch_size=4, successors=3, concentration=0.5, seed=0):
+        if vocab_size - 3 < 2 or (vocab_size - 3) ** patch_size < num_chunks:
+            raise ValueError(f"{vocab_size - 3} ids cannot make {num_chunks} distinct chunks of {patch_size} tokens.")
+        if patch_size < MAX_N:
+            raise ValueError(f"The exact optimum here assumes K >= {MAX_N} (an n-gram spans at most two chunks).")
+        generator = torch.Generator().manual_seed(seed)
+        chunks = set()
+        while len(chunks) < num_chunks:
+            chunks.add(tuple(torch.randint(3, vocab_size, (patch_size,), generator=generator).tolist()))
+        self.chunks = torch.tensor(sorted(chunks))
+        self.vocab_size, self.patch_size, self.num_chunks = vocab_size, patch_size, num_chunks
+        transition = torch.zeros(num_chunks, num_chunks, dtype=torch.float64)
+        gamma = torch.distributions.Gamma(torch.tensor(float(concentration)), torch.tensor(1.0))
+        torch.manual_seed(seed)  # torch.distributions draws from the global generator
+        for c in range(num_chunks):
+            nexts = torch.randperm(num_chunks, generator=generator)[:successors]
+            weights = gamma.sample((successors,)).double().clamp(min=1e-12)
+            transition[c, nexts] = weights / weights.sum()
+        self.transition = transition
+        # Stationary distribution: the leading left eigenvector, by power iteration from uniform.
+        pi = torch.full((num_chunks,), 1.0 / num_chunks, dtype=torch.float64)
+        for _ in range(10_000):
+            new = pi @ transition
+            if (new - pi).abs().max() < 1e-15:
+                break
+            pi = new
+        self.stationary = new / new.sum()
+
+    def sample_blocks(self, num_blocks: int, block_size: int, seed: int) -> torch.LongTensor:
+        """`(num_blocks, block_size)` token blocks of `block_size // K` chunks each (block_size a multiple of K)."""
+        if block_size % self.patch_size:
+            raise ValueError(f"block_size {block_size} must be a multiple of K = {self.patch_size}.")
+        generator = torch.Generator().manual_seed(seed)
+        state = torch.multinomial(self.stationary.float(), num_blocks, replacement=True, generator=generator)
+        path = [state]
+        for _ in range(block_size // self.patch_size - 1):
+            state = torch.multinomial(self.transition[state].float(), 1, generator=generator).squeeze(1)
+            path.append(state)
+        return self.chunks[torch.stack(path, 1)].reshape(num_blocks, block_size)
+
+    def _collisions(self, prior: torch.Tensor, offset: int) -> list[float]:
+        """E over (chunk ~ prior) of sum_x P(x | the chunk's first `offset` tokens)^2, for n-grams x of n = 1..MAX_N
+        starting at that offset (they run into the next chunk, drawn from the transition, when offset + n > K)."""
+        K = self.patch_size
+        totals = [0.0] * MAX_N
+        support = prior.nonzero().squeeze(1).tolist()
+        groups = {}  # the chunk's first `offset` tokens (what the context shows) -> chunks
+        for c in support:
+            groups.setdefault(tuple(self.chunks[c, :offset].tolist()), []).append(c)
+        for members in groups.values():
+            weight = float(prior[members].sum())
+            for n in range(1, MAX_N + 1):
+                ngram = {}
+                for c in members:
+                    p = float(prior[c]) / weight
+                    head = tuple(self.chunks[c, offset : offset + n].tolist())
+                    rest = offset + n - K
+                    if rest <= 0:
+                        ngram[head] = ngram.get(head, 0.0) + p
+                        continue
+                    for nxt in self.transition[c].nonzero().squeeze(1).tolist():
+                        key = head + tuple(self.chunks[nxt, :rest].tolist())
+                        ngram[key] = ngram.get(key, 0.0) + p * float(self.transition[c, nxt])
+                totals[n - 1] += weight * sum(q * q for q in ngram.values())
+        return totals
+
+    def optimal_brier(self, block_size: int) -> dict:
+        """The exact Brier-1..4 and BrierLM of the true distribution on blocks of `block_size` tokens.
+
+        The expected Brier score of the true distribution P at a position is sum_x P(x)^2 (the collision
+        probability), so the optimum is its average over the scored positions: "chunk" are CALM's (n-grams starting
+        chunks 1..N-1, the previous chunk known), "token" every position i = 0..T-1-MAX_N of a token-level LM
+        (offset j = (i + 1) mod K of its n-gram's chunk known, and the previous chunk unless it is chunk 0).
+        """
+        K = self.patch_size
+        # Per offset j: the collision of a position with a known previous chunk (averaged over it) and without.
+        with_previous, first_chunk = [], []
+        for j in range(K):
+            rows = [self._collisions(self.transition[c], j) for c in range(self.num_chunks)]
+            with_previous.append((self.stationary[:, None] * torch.tensor(rows, dtype=torch.float64)).sum(0).tolist())
+            first_chunk.append(self._collisions(self.stationary, j))
+        chunk = with_previous[0]
+        positions = range(block_size - MAX_N)
+        token = [0.0] * MAX_N
+        for i in positions:
+            c, j = divmod(i + 1, K)
+            row = first_chunk[j] if c == 0 else with_previous[j]
+            token = [t + r / len(positions) for t, r in zip(token, row, strict=True)]
+        result = {}
+        for name, briers in (("chunk", chunk), ("token", token)):
+            result[name] = {f"brier{n}": briers[n - 1] for n in range(1, MAX_N + 1)}
+            result[name]["brierlm"] = brierlm_from_briers(briers)
+        return result
+
+
+def synthetic_corpus(args) -> dict:
+    language = SyntheticChunkLanguage(
+        num_chunks=args.num_chunks,
+        vocab_size=args.vocab_size,
+        patch_size=args.patch_size,
+        successors=args.successors,
+        concentration=args.concentration,
+        seed=args.seed,
+    )
+    train_blocks = math.ceil(args.max_steps * args.batch_size / args.epochs)
+    return {
+        "name": "synthetic",
+        "vocab_size": args.vocab_size,
+        "special_tokens": {"pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS},
+        "train": language.sample_blocks(train_blocks, args.block_size, seed=args.seed + 1),
+        "heldout": language.sample_blocks(args.eval_blocks, args.block_size, seed=args.seed + 2),
+        "optimal": language.optimal_brier(args.block_size),
+        "description": (
+            f"{args.num_chunks} chunks of {args.patch_size} tokens over {args.vocab_size} ids, {args.successors} "
+            f"successors each, Dirichlet({args.concentration})"
+        ),
+    }
+
+
+def wikitext_corpus(args) -> dict:
+    """The demo's data: its split, its tokenizer (trained here on the training documents) and its block recipe."""
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    import demo  # examples/demo.py
+
+    from transformers_calm.data import documents_to_ids
+
+    documents = demo.read_documents([demo.BUNDLED_DATA])
+    train_docs, heldout_docs = documents[: -args.num_heldout_documents], documents[-args.num_heldout_documents :]
+    tokenizer = demo.train_tokenizer(train_docs, args.vocab_size, os.path.join(args.output_dir, "wikitext-tokenizer"))
+
+    def blocks(docs):
+        stream = [token for ids in documents_to_ids(docs, tokenizer, args.patch_size) for token in ids]
+        num_blocks = len(stream) // args.block_size
+        return torch.tensor(stream[: num_blocks * args.block_size]).reshape(num_blocks, args.block_size)
+
+    heldout = blocks(heldout_docs)
+    return {
+        "name": "wikitext",
+        "vocab_size": len(tokenizer),
+        "special_tokens": {
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        "train": blocks(train_docs),
+        "heldout": heldout[: args.eval_blocks],
+        "optimal": None,
+        "description": f"WikiText-103 test documents, demo split, {len(tokenizer)}-token BPE",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def backbone_config(args, corpus, max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=corpus["vocab_size"],
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        **corpus["special_tokens"],
+    )
+
+
+def build_autoencoder(args, corpus) -> CalmAutoencoder:
+    config = CalmAutoencoderConfig(
+        vocab_size=corpus["vocab_size"],
+        patch_size=args.patch_size,
+        latent_size=args.latent_size,
+        hidden_size=args.ae_hidden_size,
+        intermediate_size=args.ae_intermediate_size,
+        kl_weight=args.kl_weight,
+        kl_clamp=args.kl_clamp,
+        token_dropout=args.token_dropout,
+        latent_dropout=args.latent_dropout,
+        cast_embeddings_to_bf16_in_training=False,
+        **corpus["special_tokens"],
+    )
+    torch.manual_seed(args.seed)
+    return CalmAutoencoder(config)
+
+
+def build_calm(args, corpus, autoencoder, head_type: str) -> CalmForCausalLM:
+    torch.manual_seed(args.seed)
+    head = {
+        "head_type": head_type,
+        "num_mlp_layers": args.num_mlp_layers,
+        "target_noise_scale": args.target_noise_scale,
+    }
+    if head_type == "energy":
+        head.update(num_samples=args.num_samples, noise_size=args.noise_size, energy_alpha=args.energy_alpha)
+    model = CalmForCausalLM.from_autoencoder(
+        autoencoder, backbone_config=backbone_config(args, corpus, args.block_size // args.patch_size), **head
+    )
+    if head_type == "energy" and args.random_output_layer:
+        torch.nn.init.normal_(model.generative_head.final_layer.linears[-1].weight, std=0.02)
+    return model
+
+
+def build_llama(args, corpus) -> LlamaForCausalLM:
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM._from_config(backbone_config(args, corpus, args.block_size), attn_implementation="sdpa")
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def train(model, blocks, args, max_steps: int, learning_rate: float, evaluate=None, eval_steps=()) -> dict:
+    """AdamW on `blocks`, `batch_size` blocks per step in a fixed order (the same for every model), `labels =
+    input_ids`; `evaluate(model)` at `eval_steps`. Returns FLOPs per step, the curve and the training seconds."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = getattr(model, "generative_head", None)
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    head_lr_scale = args.head_lr_scale
+    if head is not None and model.config.head_type == "diffusion":
+        head_lr_scale = args.diffusion_head_lr_scale
+    groups = [
+        {"params": [p for p in params if id(p) not in head_params], "lr": learning_rate},
+        {"params": [p for p in params if id(p) in head_params], "lr": learning_rate * head_lr_scale},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * max_steps),
+        num_training_steps=max_steps,
+    )
+    order = torch.cat(
+        [
+            torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed + e))
+            for e in range(args.epochs)
+        ]
+    )
+
+    def batch(step):
+        return blocks[order[(step * args.batch_size + torch.arange(args.batch_size)) % len(order)]]
+
+    def loss_of(input_ids):
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    model.train()
+    # The arithmetic of one step: forward + backward of a batch, counted (AdamW is element-wise and not counted).
+    flops_per_step = count_flops(lambda: loss_of(batch(0)).backward())
+    model.zero_grad(set_to_none=True)
+    curve, seconds, losses = [], 0.0, []
+    for step in range(1, max_steps + 1):
+        start = time.perf_counter()
+        loss = loss_of(batch(step - 1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - start
+        losses.append(loss.item())
+        if evaluate is not None and step in eval_steps:
+            point = {"step": step, "train_flops": step * flops_per_step, "train_seconds": seconds}
+            point["train_loss"] = sum(losses[-10:]) / len(losses[-10:])
+            point.update(evaluate(model))
+            model.train()
+            curve.append(point)
+            print(f"  step {step:5d}  loss {point['train_loss']:.4f}  " + summarize(point), flush=True)
+    model.eval()
+    return {"flops_per_step": flops_per_step, "curve": curve, "train_seconds": seconds, "final_loss": losses[-1]}
+
+
+def brierlm_from_briers_quietly(briers) -> float:
+    """BrierLM, 0 when a Brier-n is <= 0 (early in training), without the estimator's warning at every point."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return brierlm_from_briers(briers)
+
+
+def summarize(point: dict) -> str:
+    parts = []
+    for scoring in ("chunk", "token"):
+        if f"{scoring}_brierlm" in point:
+            parts.append(
+                f"{scoring}: BrierLM {point[f'{scoring}_brierlm']:.2f} Brier-1 {point[f'{scoring}_brier1']:.4f}"
+            )
+    return "  ".join(parts)
+
+
+@torch.no_grad()
+def evaluate_brier(model, heldout, args, is_calm: bool) -> dict:
+    """Held-out Brier-1..4 and BrierLM: CALM chunk-aligned; the Llama at every token and chunk-aligned (the same
+    draws: the chunk-aligned positions are a subset of the token ones)."""
+    model.eval()
+    sums = {"chunk": torch.zeros(MAX_N, dtype=torch.float64), "token": torch.zeros(MAX_N, dtype=torch.float64)}
+    exact = {"chunk": torch.zeros((), dtype=torch.float64), "token": torch.zeros((), dtype=torch.float64)}
+    counts = {"chunk": 0, "token": 0}
+    for start in range(0, len(heldout), args.eval_batch_size):
+        batch = heldout[start : start + args.eval_batch_size]
+        indices = range(start, start + len(batch))
+        if is_calm:
+            result = model_brier_terms(model, batch, seed=args.seed, block_indices=indices)
+            scored = {"chunk": result}
+        else:
+            result = model_brier_terms(model, batch, seed=args.seed, block_indices=indices, exact_collision=False)
+            keep = slice(args.patch_size - 1, None, args.patch_size)  # as positions="chunk", patch_size=K
+            scored = {"token": result, "chunk": result}
+        for scoring, terms in scored.items():
+            part = terms.terms if scoring == "token" or is_calm else terms.terms[:, keep]
+            sums[scoring] += part.reshape(-1, MAX_N).double().sum(0).cpu()
+            counts[scoring] += part.shape[0] * part.shape[1]
+            if terms.exact_terms is not None:
+                exact_part = terms.exact_terms if scoring == "token" else terms.exact_terms[:, keep]
+                exact[scoring] += exact_part[..., 0].double().sum().cpu()
+    point = {}
+    for scoring in sums:
+        if counts[scoring] == 0:
+            continue
+        briers = (sums[scoring] / counts[scoring]).tolist()
+        point.update({f"{scoring}_brier{n}": b for n, b in enumerate(briers, start=1)})
+        point[f"{scoring}_brierlm"] = brierlm_from_briers_quietly(briers)
+        if not is_calm:
+            point[f"{scoring}_exact_brier1"] = float(exact[scoring]) / counts[scoring]
+    return point
+
+
+@torch.no_grad()
+def reconstruction_accuracy(autoencoder, heldout) -> float:
+    autoencoder.eval()
+    correct = 0
+    for start in range(0, len(heldout), 64):
+        batch = heldout[start : start + 64]
+        correct += (autoencoder(input_ids=batch).logits.argmax(-1) == batch).sum().item()
+    return correct / heldout.numel()
+
+
+def unconditional_reference(train: torch.LongTensor, heldout: torch.LongTensor, patch_size: int, seed: int) -> dict:
+    """Chunk-aligned Brier-1..4 of a perfect model of chunks that ignores the context: its two samples at every
+    held-out position (chunks 1..N-1 of each block) are training chunks drawn uniformly from all of them, i.e. the
+    empirical chunk distribution. What a CALM head that has not yet learnt to use the context can reach at best."""
+    chunks = train.reshape(-1, patch_size)
+    references = heldout.reshape(len(heldout), -1, patch_size)[:, 1:].reshape(-1, patch_size)
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw():
+        return chunks[torch.randint(len(chunks), (len(references),), generator=generator)]
+
+    briers = brier_terms(draw(), draw(), references, min(MAX_N, patch_size)).mean(0).tolist()
+    point = {f"chunk_brier{n}": b for n, b in enumerate(briers, start=1)}
+    point["chunk_brierlm"] = brierlm_from_briers_quietly(briers)
+    return point
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def steps_to_reach(curve: list[dict], key: str, target: float):
+    """The first evaluation point of `curve` whose `key` is >= `target`, or None."""
+    for point in curve:
+        if point.get(key, -math.inf) >= target:
+            return point
+    return None
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # BrierLM, and Brier-1 beside it: at small budgets on real text BrierLM is 0 (Brier-4 <= 0) while Brier-1 moves.
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, metric in zip(axes, ("brierlm", "brier1"), strict=True):
+        for name, run in results["models"].items():
+            offset = run.get("autoencoder_flops", 0)
+            for scoring, style in (("chunk", "-"), ("token", ":")):
+                key = f"{scoring}_{metric}"
+                points = [(p["train_flops"] + offset, p[key]) for p in run["curve"] if key in p]
+                if points:
+                    label = f"{name} ({'chunk-aligned' if scoring == 'chunk' else 'every token'})"
+                    ax.plot(*zip(*points, strict=True), style, marker=".", label=label)
+        optimal = results["corpus"].get("optimal")
+        if optimal:
+            ax.axhline(optimal["chunk"][metric], color="gray", ls="--", lw=1, label="optimal (chunk-aligned)")
+            ax.axhline(optimal["token"][metric], color="gray", ls=":", lw=1, label="optimal (every token)")
+        reference = results["corpus"].get("unconditional_reference")
+        if reference:
+            ax.axhline(reference[f"chunk_{metric}"], color="black", ls="-.", lw=1, label="unconditional chunk model")
+        ax.set(xscale="log", xlabel="training FLOPs (CALM: autoencoder included)")
+        ax.set_ylabel("held-out BrierLM" if metric == "brierlm" else "held-out Brier-1")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"Quality per training FLOP ({results['corpus']['name']}): {results['corpus']['description']}", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict, args) -> None:
+    optimal = results["corpus"].get("optimal")
+    print(
+        f"\n{'model':<16} {'train GFLOPs':>12} {'seconds':>8} {'chunk BrierLM':>13} {'chunk Brier-1':>13} "
+        f"{'token BrierLM':>13} {'token Brier-1':>13}"
+    )
+    for name, run in results["models"].items():
+        last = run["curve"][-1]
+        flops = last["train_flops"] + run.get("autoencoder_flops", 0)
+        cells = [
+            f"{last.get(f'{s}_{m}', float('nan')):13.4f}" for s in ("chunk", "token") for m in ("brierlm", "brier1")
+        ]
+        print(f"{name:<16} {flops / 1e9:12.1f} {last['train_seconds']:8.1f} " + " ".join(cells))
+    if optimal:
+        target = args.target_fraction * optimal["chunk"]["brierlm"]
+        print(
+            f"\noptimal BrierLM: chunk-aligned {optimal['chunk']['brierlm']:.2f}, every token "
+            f"{optimal['token']['brierlm']:.2f}; target {args.target_fraction:.0%} of chunk-aligned = {target:.2f}"
+        )
+        llama = results["models"].get("llama")
+        llama_point = steps_to_reach(llama["curve"], "chunk_brierlm", target) if llama else None
+        for name, run in results["models"].items():
+            point = steps_to_reach(run["curve"], "chunk_brierlm", target)
+            if point is None:
+                print(f"  {name:<16} does not reach it (best {max(p['chunk_brierlm'] for p in run['curve']):.2f})")
+                continue
+            flops = point["train_flops"] + run.get("autoencoder_flops", 0)
+            ratio = f", {flops / (llama_point['train_flops']):.2f}x the Llama's" if llama_point else ""
+            print(f"  {name:<16} reaches it at step {point['step']}: {flops / 1e9:.1f} GFLOPs{ratio}")
+            run["flops_to_target"] = flops
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", choices=["synthetic", "wikitext"], default="synthetic")
+    parser.add_argument("--models", nargs="+", default=["llama", "calm-energy", "calm-flow", "calm-diffusion"])
+    parser.add_argument("--output_dir", default="outputs/bench_quality")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps (used by the tests)")
+    parser.add_argument("--threads", type=int, default=None)
+    data = parser.add_argument_group("data")
+    data.add_argument("--patch_size", type=int, default=4, help="K")
+    data.add_argument("--block_size", type=int, default=256)
+    data.add_argument("--batch_size", type=int, default=16)
+    data.add_argument("--epochs", type=int, default=1, help="passes over the training blocks (synthetic: fresh ones)")
+    data.add_argument("--vocab_size", type=int, default=None, help="synthetic: 512 ids; wikitext: a 4096-token BPE")
+    data.add_argument("--num_chunks", type=int, default=256)
+    data.add_argument("--successors", type=int, default=3)
+    data.add_argument("--concentration", type=float, default=0.5)
+    data.add_argument("--num_heldout_documents", type=int, default=6)
+    data.add_argument("--eval_blocks", type=int, default=None)
+    data.add_argument("--eval_batch_size", type=int, default=8)
+    backbone = parser.add_argument_group("backbone (identical for CALM and the Llama)")
+    backbone.add_argument("--hidden_size", type=int, default=None)
+    backbone.add_argument("--intermediate_size", type=int, default=None)
+    backbone.add_argument("--num_layers", type=int, default=None)
+    backbone.add_argument("--num_heads", type=int, default=None)
+    ae = parser.add_argument_group("autoencoder")
+    ae.add_argument("--latent_size", type=int, default=None, help="official: 128")
+    ae.add_argument("--ae_hidden_size", type=int, default=128)
+    ae.add_argument("--ae_intermediate_size", type=int, default=256)
+    ae.add_argument("--ae_steps", type=int, default=None)
+    ae.add_argument("--ae_learning_rate", type=float, default=None)
+    ae.add_argument("--kl_weight", type=float, default=1e-3)
+    ae.add_argument("--kl_clamp", type=float, default=0.5)
+    ae.add_argument("--token_dropout", type=float, default=None)
+    ae.add_argument("--latent_dropout", type=float, default=None)
+    head = parser.add_argument_group("generative head")
+    head.add_argument("--num_mlp_layers", type=int, default=2)
+    head.add_argument("--num_samples", type=int, default=8, help="N of the energy score")
+    head.add_argument("--noise_size", type=int, default=64, help="energy head input noise")
+    head.add_argument("--energy_alpha", type=float, default=1.0, help="distance exponent of the energy score")
+    head.add_argument("--target_noise_scale", type=float, default=1.0, help="CalmConfig flag; 1.0 is official")
+    head.add_argument(
+        "--random_output_layer",
+        action="store_true",
+        help="the energy head's last layer starts random (std 0.02) instead of zero",
+    )
+    opt = parser.add_argument_group("optimisation (the same for every model)")
+    opt.add_argument("--max_steps", type=int, default=None)
+    opt.add_argument("--learning_rate", type=float, default=None, help="CALM's")
+    opt.add_argument(
+        "--head_lr_scale", type=float, default=None, help="CALM's head learns at learning_rate x this (official: 1)"
+    )
+    opt.add_argument(
+        "--diffusion_head_lr_scale",
+        type=float,
+        default=1.0,
+        help="the same for the diffusion head, which collapses at 10x (BrierLM 0 after 600 steps on the synthetic "
+        "language, 27 after 100 at 1x)",
+    )
+    opt.add_argument("--llama_learning_rate", type=float, default=None, help="default: --learning_rate")
+    opt.add_argument("--lr_scheduler_type", default=None, help="every model's, the autoencoder's too")
+    opt.add_argument("--warmup_ratio", type=float, default=0.05)
+    opt.add_argument("--eval_every", type=int, default=None)
+    parser.add_argument("--target_fraction", type=float, default=0.9, help="of the optimal BrierLM (synthetic)")
+    args = parser.parse_args(argv)
+    for name, value in CORPUS_DEFAULTS[args.corpus].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.quick:
+        args.hidden_size, args.intermediate_size, args.num_heads = 32, 64, 2
+        args.ae_hidden_size, args.ae_intermediate_size, args.latent_size = 32, 64, 16
+        args.block_size, args.batch_size, args.eval_blocks = 32, 4, 4
+        args.num_chunks, args.vocab_size = 16, (32 if args.corpus == "synthetic" else 300)
+        args.ae_steps, args.max_steps, args.eval_every = 4, 4, 2
+        args.num_mlp_layers = 1
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    corpus = synthetic_corpus(args) if args.corpus == "synthetic" else wikitext_corpus(args)
+    print(
+        f"corpus {corpus['name']}: {corpus['description']}; {len(corpus['train'])} training blocks, "
+        f"{len(corpus['heldout'])} held out, of {args.block_size} tokens; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    if corpus["optimal"]:
+        opt = corpus["optimal"]
+        print(
+            f"optimal BrierLM: chunk-aligned {opt['chunk']['brierlm']:.2f}, every token {opt['token']['brierlm']:.2f}"
+        )
+    reference = unconditional_reference(corpus["train"], corpus["heldout"], args.patch_size, args.seed)
+    print(
+        f"unconditional chunk model (training chunks drawn at random): chunk-aligned BrierLM "
+        f"{reference['chunk_brierlm']:.2f}, Brier-1 {reference['chunk_brier1']:.4f}"
+    )
+    eval_steps = set(range(args.eval_every, args.max_steps + 1, args.eval_every)) | {args.max_steps}
+    results = {"settings": vars(args), "corpus": {k: v for k, v in corpus.items() if k not in ("train", "heldout")}}
+    results["corpus"]["unconditional_reference"] = reference
+    results["models"] = {}
+
+    autoencoder = None
+    if any(name.startswith("calm") for name in args.models):
+        autoencoder = build_autoencoder(args, corpus)
+        print(f"\nautoencoder (l = {args.latent_size}): {args.ae_steps} steps, lr {args.ae_learning_rate}")
+        ae_run = train(autoencoder, corpus["train"], args, args.ae_steps, args.ae_learning_rate)
+        accuracy = reconstruction_accuracy(autoencoder, corpus["heldout"])
+        print(f"  held-out token accuracy {accuracy:.4%}, {ae_run['train_seconds']:.1f} s")
+        results["autoencoder"] = {
+            "flops": ae_run["flops_per_step"] * args.ae_steps,
+            "seconds": ae_run["train_seconds"],
+            "heldout_token_accuracy": accuracy,
+        }
+    for name in args.models:
+        if name == "llama":
+            model, lr, is_calm = build_llama(args, corpus), args.llama_learning_rate or args.learning_rate, False
+        elif name.startswith("calm-"):
+            model, lr, is_calm = build_calm(args, corpus, autoencoder, name[len("calm-") :]), args.learning_rate, True
+        else:
+            raise ValueError(f"Unknown model {name!r}: llama or calm-{{energy,flow,diffusion}}.")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"\n{name}: {trainable / 1e6:.2f}M trainable parameters, lr {lr}")
+        run = train(
+            model,
+            corpus["train"],
+            args,
+            args.max_steps,
+            lr,
+            evaluate=lambda m, c=is_calm: evaluate_brier(m, corpus["heldout"], args, c),
+            eval_steps=eval_steps,
+        )
+        if is_calm:
+            run["autoencoder_flops"] = results["autoencoder"]["flops"]
+        run["trainable_parameters"] = trainable
+        results["models"][name] = run
+
+    report(results, args)
+    path = os.path.join(args.output_dir, f"quality_{corpus['name']}")
+    with open(path + ".json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    plot(results, path + ".png")
+    print(f"\n-> {path}.json, {path}.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
