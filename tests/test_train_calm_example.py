@@ -163,11 +163,23 @@ def test_train_calm_end_to_end(workdir):
     assert tokenizer.pad_token_id == 0 and len(tokenizer) == model.config.vocab_size
     assert json.loads((output_dir / "eval_results.json").read_text())["eval_brierlm"] == metrics["eval_brierlm"]
 
-    # Continue from the saved model (shape arguments ignored), with the stream packing.
+    # Continue from the saved model (shape arguments ignored), with the stream packing and a head learning rate of its
+    # own (CalmTrainingArguments, through the script's arguments).
     more, _ = example.main(
-        script_args(workdir, workdir / "calm-more", "--model_name_or_path", str(output_dir), "--packing", "stream")
+        script_args(
+            workdir,
+            workdir / "calm-more",
+            "--model_name_or_path",
+            str(output_dir),
+            "--packing",
+            "stream",
+            "--head_learning_rate",
+            "3e-3",
+        )
     )
-    assert more.model.config.hidden_size == 32
+    assert more.model.config.hidden_size == 32 and more.args.head_learning_rate == 3e-3
+    head = {id(p) for p in more.model.generative_head.parameters()}
+    assert {g["initial_lr"] for g in more.optimizer.param_groups if id(g["params"][0]) in head} == {3e-3}
     assert all(torch.equal(more.model.autoencoder.state_dict()[n], v) for n, v in saved_ae.items())
 
 
