@@ -555,7 +555,13 @@ def parse_args(argv=None):
     data.add_argument("--patch_size", type=int, default=4, help="K")
     data.add_argument("--block_size", type=int, default=256)
     data.add_argument("--batch_size", type=int, default=16)
-    data.add_argument("--epochs", type=int, default=1, help="passes over the training blocks (synthetic: fresh ones)")
+    data.add_argument(
+        "--epochs",
+        type=int,
+        default=1,
+        help="synthetic: how often each generated block is seen (1: every batch is fresh data); the order is a "
+        "fixed permutation of the blocks, repeated as often as the steps need",
+    )
     data.add_argument("--vocab_size", type=int, default=None, help="synthetic: 512 ids; wikitext: a 4096-token BPE")
     data.add_argument("--num_chunks", type=int, default=256)
     data.add_argument("--successors", type=int, default=3)
