@@ -104,17 +104,17 @@ class CalmHubMixin:
         """
         hub = None
         if push_to_hub:
-            repo_id = repo_id or os.path.basename(os.path.normpath(os.fspath(save_directory)))
-            hub = {
-                "repo_id": repo_id,
-                "tags": list(getattr(self, "model_tags", None) or []),
-                "commit_message": commit_message,
-                "commit_description": commit_description,
-                "private": private,
-                "token": token,
-                "create_pr": create_pr,
-                "revision": revision,
-            }
+            hub = _upload_target(
+                self,
+                repo_id or os.path.basename(os.path.normpath(os.fspath(save_directory))),
+                tags=None,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+            )
         _save(
             self,
             super().save_pretrained,
@@ -172,20 +172,17 @@ class CalmHubMixin:
         Returns:
             `huggingface_hub.CommitInfo`: the commit (or pull request) made.
         """
-        merged_tags = list(getattr(self, "model_tags", None) or [])  # a copy: `model_tags` is not changed
-        for tag in [tags] if isinstance(tags, str) else tags or []:
-            if tag not in merged_tags:
-                merged_tags.append(tag)
-        hub = {
-            "repo_id": repo_id,
-            "tags": merged_tags,
-            "commit_message": commit_message,
-            "commit_description": commit_description,
-            "private": private,
-            "token": token,
-            "create_pr": create_pr,
-            "revision": revision,
-        }
+        hub = _upload_target(
+            self,
+            repo_id,
+            tags=tags,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            create_pr=create_pr,
+            revision=revision,
+        )
         with tempfile.TemporaryDirectory() as tmp_dir:
             return _save(
                 self,
@@ -195,6 +192,16 @@ class CalmHubMixin:
                 hub=hub,
                 max_shard_size=max_shard_size,
             )
+
+
+def _upload_target(model, repo_id: str, tags, **commit) -> dict:
+    """What `_save` uploads to: the repository, the card's tags (the model's `model_tags`, then `tags` it lacks; a
+    copy: `model_tags` is not changed) and the commit options (`commit_message`, `private`, `revision`, ...)."""
+    merged_tags = list(getattr(model, "model_tags", None) or [])
+    for tag in [tags] if isinstance(tags, str) else tags or []:
+        if tag not in merged_tags:
+            merged_tags.append(tag)
+    return {"repo_id": repo_id, "tags": merged_tags, **commit}
 
 
 def enable_hub_features(*model_classes: type) -> None:
