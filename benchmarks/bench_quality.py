@@ -47,7 +47,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
 from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalLM
-from transformers_calm.brierlm import model_brier_terms
+from transformers_calm.brierlm import chunk_aligned, model_brier_terms
 from transformers_calm.brierlm.estimator import brier_terms, brierlm_from_briers
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -412,19 +412,15 @@ def evaluate_brier(model, heldout, args, is_calm: bool) -> dict:
         batch = heldout[start : start + args.eval_batch_size]
         indices = range(start, start + len(batch))
         if is_calm:
-            result = model_brier_terms(model, batch, seed=args.seed, block_indices=indices)
-            scored = {"chunk": result}
+            scored = {"chunk": model_brier_terms(model, batch, seed=args.seed, block_indices=indices)}
         else:
             result = model_brier_terms(model, batch, seed=args.seed, block_indices=indices, exact_collision=False)
-            keep = slice(args.patch_size - 1, None, args.patch_size)  # as positions="chunk", patch_size=K
-            scored = {"token": result, "chunk": result}
+            scored = {"token": result, "chunk": chunk_aligned(result, args.patch_size)}
         for scoring, terms in scored.items():
-            part = terms.terms if scoring == "token" or is_calm else terms.terms[:, keep]
-            sums[scoring] += part.reshape(-1, MAX_N).double().sum(0).cpu()
-            counts[scoring] += part.shape[0] * part.shape[1]
+            sums[scoring] += terms.terms.reshape(-1, MAX_N).double().sum(0).cpu()
+            counts[scoring] += terms.terms.shape[0] * terms.terms.shape[1]
             if terms.exact_terms is not None:
-                exact_part = terms.exact_terms if scoring == "token" else terms.exact_terms[:, keep]
-                exact[scoring] += exact_part[..., 0].double().sum().cpu()
+                exact[scoring] += terms.exact_terms[..., 0].double().sum().cpu()
     point = {}
     for scoring in sums:
         if counts[scoring] == 0:

@@ -60,8 +60,9 @@ def run_row(name: str, arguments: list[str], output_dir: str, resume: bool) -> d
     if "--models" not in arguments:
         command += ["--models", "calm-energy"]
     corpus = "synthetic"
-    if "--corpus" in arguments:
-        corpus = arguments[len(arguments) - arguments[::-1].index("--corpus")]  # the last --corpus wins
+    for flag, value in zip(arguments, arguments[1:], strict=False):
+        if flag == "--corpus":
+            corpus = value  # the last one wins, as in argparse
     report_path = os.path.join(row_dir, f"quality_{corpus}.json")
     command_path = os.path.join(row_dir, "command.json")
     if resume and os.path.isfile(report_path) and os.path.isfile(command_path):
@@ -81,7 +82,10 @@ def run_row(name: str, arguments: list[str], output_dir: str, resume: bool) -> d
 
 
 def row_summary(name: str, changes: list[str], result: dict) -> dict:
-    (model, run), *_ = [(m, r) for m, r in result["models"].items() if m != "llama"] or result["models"].items()
+    models = result["models"]
+    # The row's CALM; a row of the Llama alone reports the Llama.
+    model = next((name for name in models if name != "llama"), next(iter(models)))
+    run = models[model]
     last = run["curve"][-1]
     best = max(run["curve"], key=lambda p: p["chunk_brierlm"])
     offset = run.get("autoencoder_flops", 0)

@@ -19,7 +19,7 @@ Modules, one concept each:
 - `calm`: the samples of CALM, through `CalmForCausalLM`'s public sampling API only ([`is_calm_model`]).
 - `terms`: [`BrierTerms`], the per-position terms a roll-out returns.
 - `protocol`: blocks ([`make_blocks`]), per-block seeding, the dispatch ([`model_brier_terms`]) and the protocol over a
-  data set ([`score_model`]).
+  data set ([`score_model`]); [`chunk_aligned`] keeps a token-level LM's chunk-start positions.
 
 This package does not import `evaluate` (only [`load_brierlm`] does, when called), so it stays optional.
 """
@@ -30,6 +30,7 @@ from .protocol import (
     BRIERLM_PATH,
     DEFAULT_CONTEXT_LENGTH,
     SPACE_FILES,
+    chunk_aligned,
     load_brierlm,
     make_blocks,
     model_brier_terms,
@@ -46,6 +47,7 @@ __all__ = [
     "brier_scores",
     "brier_terms",
     "brierlm_from_briers",
+    "chunk_aligned",
     "is_calm_model",
     "load_brierlm",
     "make_blocks",

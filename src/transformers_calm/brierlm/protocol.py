@@ -24,6 +24,7 @@ __all__ = [
     "BRIERLM_PATH",
     "DEFAULT_CONTEXT_LENGTH",
     "SPACE_FILES",
+    "chunk_aligned",
     "load_brierlm",
     "make_blocks",
     "model_brier_terms",
