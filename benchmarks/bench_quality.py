@@ -457,6 +457,10 @@ def unconditional_reference(train: torch.LongTensor, heldout: torch.LongTensor, 
     briers = brier_terms(draw(), draw(), references, min(MAX_N, patch_size)).mean(0).tolist()
     point = {f"chunk_brier{n}": b for n, b in enumerate(briers, start=1)}
     point["chunk_brierlm"] = brierlm_from_briers_quietly(briers)
+    # How many modes the head faces: distinct training chunks, and how many held-out chunks occur in training.
+    seen = set(map(tuple, chunks.tolist()))
+    point["distinct_training_chunks"], point["training_chunks"] = len(seen), len(chunks)
+    point["heldout_chunks_seen_in_training"] = sum(tuple(c) in seen for c in references.tolist()) / len(references)
     return point
 
 
@@ -642,7 +646,9 @@ def main(argv=None) -> dict:
     reference = unconditional_reference(corpus["train"], corpus["heldout"], args.patch_size, args.seed)
     print(
         f"unconditional chunk model (training chunks drawn at random): chunk-aligned BrierLM "
-        f"{reference['chunk_brierlm']:.2f}, Brier-1 {reference['chunk_brier1']:.4f}"
+        f"{reference['chunk_brierlm']:.2f}, Brier-1 {reference['chunk_brier1']:.4f}; "
+        f"{reference['distinct_training_chunks']:,} distinct chunks among the {reference['training_chunks']:,} of the "
+        f"training blocks, {reference['heldout_chunks_seen_in_training']:.1%} of the held-out chunks seen in training"
     )
     eval_steps = set(range(args.eval_every, args.max_steps + 1, args.eval_every)) | {args.max_steps}
     results = {"settings": vars(args), "corpus": {k: v for k, v in corpus.items() if k not in ("train", "heldout")}}
