@@ -11,6 +11,13 @@ disabled on both, and the script checks that every row got exactly `--new-tokens
     python benchmarks/bench_generate.py --preset calm-m      # the paper's CALM-M backbone and Llama-3 vocabulary
     python benchmarks/bench_generate.py --device cuda        # bf16 + SDPA
     python benchmarks/bench_generate.py --quick              # tiny model, a few steps (used by the tests)
+    python benchmarks/bench_generate.py --compile            # both models: static cache + torch.compile'd steps
+
+`--cache static` gives both models transformers' `StaticCache`; `--compile` adds a `compile_config` (implying the static
+cache), with which both `generate`s compile their decoding step the way transformers does for a Llama
+(`mode="reduce-overhead"`, CUDA graphs, on GPU; inductor's default mode on CPU, where transformers compiles only when
+told: `compile_config._compile_all_devices = True`). The prefill stays eager in both. Compiled CALM rows draw from the
+global RNG, as the Llama does: a `torch.Generator` would break the compiled graph at each draw.
 
 Prints, per batch size, the median seconds of a whole `generate` call (prefill included; the rows take turns), new
 tokens per second, the speed-up over the Llama, and the FLOP ratio (Llama FLOPs / CALM FLOPs of the same call,
@@ -23,6 +30,7 @@ synchronisation on GPU), so that the instrumentation does not slow the timed run
 """
 
 import argparse
+import json
 import statistics
 import time
 from collections import defaultdict
@@ -30,7 +38,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
 from transformers_calm import CalmConfig, CalmForCausalLM
 
@@ -144,7 +152,21 @@ def build_models(args, device: torch.device, dtype: torch.dtype, max_tokens: int
     return calm, llama
 
 
-def llama_generate(llama, input_ids, new_tokens: int, generator=None):
+def generate_options(cache: str, compile: bool, device: torch.device) -> dict:
+    """The `generate` keyword arguments of `--cache` and `--compile`, the same for both models."""
+    if compile and cache != "static":
+        raise SystemExit("--compile needs --cache static (transformers compiles decoding steps on a static cache).")
+    if cache == "dynamic":
+        return {}
+    options = {"cache_implementation": "static"}
+    if compile:
+        config = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+        config._compile_all_devices = True  # transformers compiles only on accelerators unless told to
+        options["compile_config"] = config
+    return options
+
+
+def llama_generate(llama, input_ids, new_tokens: int, options=None):
     """transformers' `generate`: KV cache, plain multinomial sampling at T = 1 (no top-k, no top-p), no EOS."""
     return llama.generate(
         input_ids,
@@ -156,10 +178,13 @@ def llama_generate(llama, input_ids, new_tokens: int, generator=None):
         max_new_tokens=new_tokens,
         eos_token_id=None,
         pad_token_id=0,
+        **(options or {}),
     )
 
 
-def calm_generate(calm, input_ids, new_tokens: int, temperature: float, num_candidates: int, generator=None):
+def calm_generate(
+    calm, input_ids, new_tokens: int, temperature: float, num_candidates: int, generator=None, options=None
+):
     return calm.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -169,6 +194,7 @@ def calm_generate(calm, input_ids, new_tokens: int, temperature: float, num_cand
         max_new_tokens=new_tokens,
         eos_token_id=None,
         generator=generator,
+        **(options or {}),
     )
 
 
@@ -267,7 +293,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median), rows taking turns")
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompt, a few steps")
+    parser.add_argument("--cache", choices=["dynamic", "static"], default=None, help="default: static with --compile")
+    parser.add_argument("--compile", action="store_true", help="compiled decoding steps, both models")
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
+    args.cache = args.cache or ("static" if args.compile else "dynamic")
     if args.quick:
         for name, value in QUICK_SIZES.items():
             setattr(args, name, value)
@@ -292,13 +322,15 @@ def main(argv=None) -> None:
         f"device {device.type}, {dtype}, SDPA, {torch.get_num_threads()} CPU thread(s); prompt {args.prompt_length}, "
         f"{args.new_tokens} new tokens, median of {args.repeats} run(s) after a warm-up; torch {torch.__version__}"
     )
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    options = generate_options(args.cache, args.compile, device)
+    print(f"cache {args.cache}, {'compiled' if args.compile else 'eager'} decoding steps")
+    generator = None if args.compile else torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
     rows = {
-        "llama": lambda ids, n: llama_generate(llama, ids, n),
-        "calm": lambda ids, n: calm_generate(calm, ids, n, 1.0, 1, generator),
+        "llama": lambda ids, n: llama_generate(llama, ids, n, options),
+        "calm": lambda ids, n: calm_generate(calm, ids, n, 1.0, 1, generator, options),
         "calm-approx": lambda ids, n: calm_generate(
-            calm, ids, n, args.approx_temperature, args.num_candidates, generator
+            calm, ids, n, args.approx_temperature, args.num_candidates, generator, options
         ),
     }
     labels = {
@@ -309,7 +341,8 @@ def main(argv=None) -> None:
     # The work each row does, counted once at batch 1 (both models' FLOPs grow linearly with the batch): the
     # speed-up that time proportional to FLOPs would give, to set against the measured one.
     prompt = torch.randint(0, args.vocab_size, (1, args.prompt_length), device=device)
-    flops = {name: count_flops(lambda r=row: r(prompt, args.new_tokens)) for name, row in rows.items()}
+    with torch.compiler.set_stance("force_eager"):  # the same arithmetic, counted without compiling
+        flops = {name: count_flops(lambda r=row: r(prompt, args.new_tokens)) for name, row in rows.items()}
     print(
         "FLOPs per new token (batch 1, prefill included): "
         + ", ".join(f"{name} {flops[name] / args.new_tokens / 1e6:.1f} MFLOP" for name in rows)
@@ -319,8 +352,10 @@ def main(argv=None) -> None:
     for batch_size in args.batch_sizes:
         input_ids = torch.randint(0, args.vocab_size, (batch_size, args.prompt_length), device=device)
         names = [name for name in rows if name != "calm-approx" or batch_size in approx_batch_sizes]
+        # Warm-up (compiling, with --compile: at the timed length, since the static cache's length is a graph shape).
+        warm_up_tokens = args.new_tokens if args.compile else min(args.new_tokens, 4 * args.patch_size)
         for name in names:
-            rows[name](input_ids, min(args.new_tokens, 4 * args.patch_size))  # warm-up
+            rows[name](input_ids, warm_up_tokens)
         # Rows take turns within every repeat, so that a machine slowing down or speeding up (shared hosts, clock
         # changes) affects them alike and leaves the ratios alone.
         times = defaultdict(list)
@@ -340,7 +375,7 @@ def main(argv=None) -> None:
                 f"{batch_size:5d} {labels[name]:<40} {seconds:9.3f} {tokens_per_second:10.1f} {speedup:8.2f}x "
                 f"{flop_ratio:10.2f}x"
             )
-            if name != "llama":
+            if name != "llama" and not args.compile:  # hooks would break the compiled graph
                 with torch.no_grad(), RegionTimer(calm, synchronize) as timer:
                     synchronize()
                     start = time.perf_counter()
@@ -365,6 +400,25 @@ def main(argv=None) -> None:
     for name in rows:
         if name != "llama":
             print(f"flop ratio {name}: {flops['llama'] / flops[name]:.2f}")
+    if args.json:
+        report = {
+            "settings": {**vars(args), "device": device.type, "dtype": str(dtype), "torch": torch.__version__},
+            "flops_per_call": flops,
+            "rows": [
+                {
+                    "batch_size": batch_size,
+                    "model": name,
+                    "seconds": seconds,
+                    "tokens_per_second": batch_size * args.new_tokens / seconds,
+                    "speedup_over_llama": results[batch_size, "llama"] / seconds,
+                }
+                for (batch_size, name), seconds in results.items()
+            ],
+            "time_split": [{"batch_size": b, "model": n, **split} for (b, n), split in splits.items()],
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"-> {args.json}")
 
 
 if __name__ == "__main__":

@@ -323,7 +323,9 @@ def build_llama(args, corpus) -> LlamaForCausalLM:
 # ------------------------------------------------------------------------------------------------- training
 
 
-def train(model, blocks, args, max_steps: int, learning_rate: float, evaluate=None, eval_steps=()) -> dict:
+def train(
+    model, blocks, args, max_steps: int, learning_rate: float, lr_scheduler_type: str, evaluate=None, eval_steps=()
+) -> dict:
     """AdamW on `blocks`, `batch_size` blocks per step in a fixed order (the same for every model), `labels =
     input_ids`; `evaluate(model)` at `eval_steps`. Returns FLOPs per step, the curve and the training seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -339,7 +341,7 @@ def train(model, blocks, args, max_steps: int, learning_rate: float, evaluate=No
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
     scheduler = get_scheduler(
-        args.lr_scheduler_type,
+        lr_scheduler_type,
         optimizer,
         num_warmup_steps=int(args.warmup_ratio * max_steps),
         num_training_steps=max_steps,
@@ -475,6 +477,16 @@ def steps_to_reach(curve: list[dict], key: str, target: float):
     return None
 
 
+def value_at_flops(curve: list[dict], key: str, flops: float):
+    """`key` of a curve at `flops` training FLOPs, linearly interpolated between its evaluation points; None outside
+    the curve (before its first point or after its last)."""
+    for before, after in zip(curve[:-1], curve[1:], strict=True):
+        if before["train_flops"] <= flops <= after["train_flops"]:
+            w = (flops - before["train_flops"]) / (after["train_flops"] - before["train_flops"])
+            return (1 - w) * before[key] + w * after[key]
+    return curve[0][key] if curve and curve[0]["train_flops"] == flops else None
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -524,13 +536,32 @@ def report(results: dict, args) -> None:
             f"{last.get(f'{s}_{m}', float('nan')):13.4f}" for s in ("chunk", "token") for m in ("brierlm", "brier1")
         ]
         print(f"{name:<16} {flops / 1e9:12.1f} {last['train_seconds']:8.1f} " + " ".join(cells))
+    llama = results["models"].get("llama")
+    if llama:
+        print(
+            "\nat equal training FLOPs (the Llama's curve interpolated at each CALM's final FLOPs, its autoencoder's included):"
+        )
+        for name, run in results["models"].items():
+            if name == "llama":
+                continue
+            last = run["curve"][-1]
+            flops = last["train_flops"] + run.get("autoencoder_flops", 0)
+            reference = {key: value_at_flops(llama["curve"], key, flops) for key in ("chunk_brier1", "chunk_brierlm")}
+            run["llama_at_equal_flops"] = reference
+            if reference["chunk_brier1"] is None:
+                print(f"  {name:<16} {flops / 1e12:.2f} TFLOPs: outside the Llama's curve")
+                continue
+            print(
+                f"  {name:<16} {flops / 1e12:.2f} TFLOPs: chunk Brier-1 {last['chunk_brier1']:.4f} against the "
+                f"Llama's {reference['chunk_brier1']:.4f} ({last['chunk_brier1'] / reference['chunk_brier1']:.2f}x), "
+                f"BrierLM {last['chunk_brierlm']:.2f} against {reference['chunk_brierlm']:.2f}"
+            )
     if optimal:
         target = args.target_fraction * optimal["chunk"]["brierlm"]
         print(
             f"\noptimal BrierLM: chunk-aligned {optimal['chunk']['brierlm']:.2f}, every token "
             f"{optimal['token']['brierlm']:.2f}; target {args.target_fraction:.0%} of chunk-aligned = {target:.2f}"
         )
-        llama = results["models"].get("llama")
         llama_point = steps_to_reach(llama["curve"], "chunk_brierlm", target) if llama else None
         for name, run in results["models"].items():
             point = steps_to_reach(run["curve"], "chunk_brierlm", target)
@@ -609,7 +640,9 @@ def parse_args(argv=None):
         "language, 27 after 100 at 1x)",
     )
     opt.add_argument("--llama_learning_rate", type=float, default=None, help="default: --learning_rate")
-    opt.add_argument("--lr_scheduler_type", default=None, help="every model's, the autoencoder's too")
+    opt.add_argument("--lr_scheduler_type", default=None, help="every model's, unless one of the next two is given")
+    opt.add_argument("--llama_lr_scheduler_type", default=None, help="default: --lr_scheduler_type")
+    opt.add_argument("--ae_lr_scheduler_type", default=None, help="the autoencoder's; default: --lr_scheduler_type")
     opt.add_argument("--warmup_ratio", type=float, default=0.05)
     opt.add_argument("--eval_every", type=int, default=None)
     parser.add_argument("--target_fraction", type=float, default=0.9, help="of the optimal BrierLM (synthetic)")
@@ -659,7 +692,14 @@ def main(argv=None) -> dict:
     if any(name.startswith("calm") for name in args.models):
         autoencoder = build_autoencoder(args, corpus)
         print(f"\nautoencoder (l = {args.latent_size}): {args.ae_steps} steps, lr {args.ae_learning_rate}")
-        ae_run = train(autoencoder, corpus["train"], args, args.ae_steps, args.ae_learning_rate)
+        ae_run = train(
+            autoencoder,
+            corpus["train"],
+            args,
+            args.ae_steps,
+            args.ae_learning_rate,
+            args.ae_lr_scheduler_type or args.lr_scheduler_type,
+        )
         accuracy = reconstruction_accuracy(autoencoder, corpus["heldout"])
         print(f"  held-out token accuracy {accuracy:.4%}, {ae_run['train_seconds']:.1f} s")
         results["autoencoder"] = {
@@ -670,8 +710,10 @@ def main(argv=None) -> dict:
     for name in args.models:
         if name == "llama":
             model, lr, is_calm = build_llama(args, corpus), args.llama_learning_rate or args.learning_rate, False
+            schedule = args.llama_lr_scheduler_type or args.lr_scheduler_type
         elif name.startswith("calm-"):
             model, lr, is_calm = build_calm(args, corpus, autoencoder, name[len("calm-") :]), args.learning_rate, True
+            schedule = args.lr_scheduler_type
         else:
             raise ValueError(f"Unknown model {name!r}: llama or calm-{{energy,flow,diffusion}}.")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -682,6 +724,7 @@ def main(argv=None) -> dict:
             args,
             args.max_steps,
             lr,
+            schedule,
             evaluate=lambda m, c=is_calm: evaluate_brier(m, corpus["heldout"], args, c),
             eval_steps=eval_steps,
         )

@@ -107,6 +107,20 @@ def test_bench_generate_quick_runs_and_reports_ratios():
     assert float(flop_ratios[0][1]) > float(flop_ratios[1][1]) > 0
 
 
+@pytest.mark.slow  # the benchmark as a child process, compiling both models
+def test_bench_generate_compiled_quick_runs_and_writes_json(tmp_path):
+    """`--compile`: both models on a static cache with compiled decoding steps (inductor on CPU), figures in JSON."""
+    path = tmp_path / "generate.json"
+    stdout = run_quick(BENCH_GENERATE, "--compile", "--json", str(path))
+    assert "cache static, compiled decoding steps" in stdout
+    report = json.loads(path.read_text())
+    assert report["settings"]["compile"] and report["settings"]["cache"] == "static"
+    rows = {(row["batch_size"], row["model"]) for row in report["rows"]}
+    assert rows == {(b, m) for b in (1, 2) for m in ("llama", "calm", "calm-approx")}
+    assert all(row["tokens_per_second"] > 0 for row in report["rows"])
+    assert report["time_split"] == []  # the instrumented split would break the compiled graphs
+
+
 @pytest.mark.slow  # the benchmark as a child process
 def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
     stdout = run_quick(BENCH_TRAIN)
@@ -210,6 +224,19 @@ def test_bench_quality_quick_runs_and_writes_curves(tmp_path):
             assert run["autoencoder_flops"] == report["autoencoder"]["flops"] > 0
     assert report["corpus"]["optimal"]["chunk"]["brierlm"] > 0
     assert "optimal BrierLM" in stdout and "unconditional chunk model" in stdout
+    assert "at equal training FLOPs" in stdout
+    for name, run in report["models"].items():  # the Llama's curve at each CALM's FLOPs, or None beyond it
+        if name != "llama":
+            assert set(run["llama_at_equal_flops"]) == {"chunk_brier1", "chunk_brierlm"}
+
+
+def test_value_at_flops_interpolates_inside_the_curve_only(bench_quality):
+    curve = [{"train_flops": 10, "x": 1.0}, {"train_flops": 20, "x": 3.0}, {"train_flops": 40, "x": 2.0}]
+    assert bench_quality.value_at_flops(curve, "x", 15) == pytest.approx(2.0)
+    assert bench_quality.value_at_flops(curve, "x", 30) == pytest.approx(2.5)
+    assert bench_quality.value_at_flops(curve, "x", 10) == 1.0 and bench_quality.value_at_flops(curve, "x", 40) == 2.0
+    assert bench_quality.value_at_flops(curve, "x", 5) is None and bench_quality.value_at_flops(curve, "x", 41) is None
+    assert bench_quality.value_at_flops(curve[:1], "x", 10) == 1.0
 
 
 @pytest.mark.slow  # the sweep as child processes

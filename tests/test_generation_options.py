@@ -190,7 +190,7 @@ ACTIVE = {
     "output_attentions": True,
     "output_hidden_states": True,
     "watermarking_config": WatermarkingConfig(),
-    "cache_implementation": "static",
+    "cache_implementation": "offloaded",
     "token_healing": True,
 }
 

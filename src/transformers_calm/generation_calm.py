@@ -14,8 +14,13 @@ import copy
 
 import torch
 from transformers import GenerationMixin
-from transformers.cache_utils import DynamicCache
-from transformers.generation import GenerateDecoderOnlyOutput, StoppingCriteriaList
+from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.generation import (
+    EosTokenCriteria,
+    GenerateDecoderOnlyOutput,
+    MaxLengthCriteria,
+    StoppingCriteriaList,
+)
 
 from .compat import CACHE_NAME
 from .generation_configuration_calm import CalmGenerationConfig
@@ -206,7 +211,18 @@ class CalmGenerationMixin(GenerationMixin):
         token_mask = torch.nn.functional.pad(attention_mask, (fill, 0), value=0)
         # Without any padding the backbone needs no mask (plain causal attention), which saves building one per step.
         padded = bool(fill) or not bool(attention_mask.all())
-        cache = DynamicCache(config=self.config.backbone_config) if use_cache else None
+        cache_implementation = generation_config.cache_implementation or "dynamic"
+        static = cache_implementation == "static"
+        if static and not use_cache:
+            raise ValueError("cache_implementation='static' needs use_cache=True (the static cache is the KV cache).")
+        # The prompt's chunks and every chunk of the continuation: all the positions a static cache has to hold.
+        total_chunks = (fill + max_length + K - 1) // K
+        if not use_cache:
+            cache = None
+        elif static:
+            cache = StaticCache(config=self.config.backbone_config, max_cache_len=total_chunks)
+        else:
+            cache = DynamicCache(config=self.config.backbone_config)
         sampler = {
             "temperature": temperature,
             "do_sample": generation_config.do_sample is not False,
@@ -215,29 +231,61 @@ class CalmGenerationMixin(GenerationMixin):
             "max_draws": generation_config.max_draws,
             "generator": generator,
         }
+        # Decoding steps after the prefill: with a static cache, one chunk mask over the whole cache (the same shape at
+        # every step) and, where transformers would compile a Llama's step (`compile_config`, a CUDA device or
+        # `compile_config._compile_all_devices`), the step compiled; the prefill stays eager, as in transformers.
+        decode_step = self._decode_step
+        static_mask = None
+        if static:
+            if padded:
+                prompt_chunks = token_mask.unflatten(1, (-1, K)).any(-1).to(token_mask.dtype)
+                static_mask = torch.nn.functional.pad(
+                    prompt_chunks, (0, total_chunks - prompt_chunks.shape[1]), value=1
+                )
+            if self._valid_auto_compile_criteria({CACHE_NAME: cache}, generation_config):
+                decode_step = self._compiled_decode_step(generation_config.compile_config)
+        # EOS and the length limit, the usual criteria, are applied to a whole chunk at once (one host-device sync per
+        # step, for "has every row finished?"); any other criterion sees the new tokens one at a time.
+        per_token = not all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
+        if not per_token:  # what those criteria (the generation config's, or passed ones) stop at
+            stop_length = min([c.max_length for c in criteria if type(c) is MaxLengthCriteria], default=max_length)
+            stop_eos = [c.eos_token_id.flatten() for c in criteria if type(c) is EosTokenCriteria]
+            stop_eos = torch.cat(stop_eos).to(device) if stop_eos else None
 
         sequences = input_ids
         unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
         fed_ids, fed_mask = chunk_ids, token_mask
+        prefill = True
         while True:
-            outputs = self.model(
-                input_ids=fed_ids, attention_mask=fed_mask if padded else None, cache=cache, use_cache=use_cache
-            )
-            chunk = self._next_chunk(outputs.last_hidden_state[:, -1], sequences.shape[1], min_length, eos, sampler)
+            if prefill or not static:
+                outputs = self.model(
+                    input_ids=fed_ids, attention_mask=fed_mask if padded else None, cache=cache, use_cache=use_cache
+                )
+                hidden, chunk = outputs.last_hidden_state[:, -1], None
+            else:
+                hidden, chunk = decode_step(fed_ids, static_mask, cache, sampler)
+            prefill = False
+            chunk = self._next_chunk(hidden, sequences.shape[1], min_length, eos, sampler, chunk)
             start = sequences.shape[1]
-            for token in chunk.unbind(-1):  # the criteria see one new token at a time, as in a token-level loop
-                if pad_finished:
-                    token = torch.where(unfinished, token, pad)
-                sequences = torch.cat([sequences, token[:, None]], dim=-1)
-                unfinished = unfinished & ~criteria(sequences, None).to(device)
-                if not unfinished.any():
-                    break
+            if per_token:
+                for token in chunk.unbind(-1):  # the criteria see one new token at a time, as in a token-level loop
+                    if pad_finished:
+                        token = torch.where(unfinished, token, pad)
+                    sequences = torch.cat([sequences, token[:, None]], dim=-1)
+                    unfinished = unfinished & ~criteria(sequences, None).to(device)
+                    if not unfinished.any():
+                        break
+                done = not unfinished.any()
+            else:
+                sequences, unfinished, done = _append_chunk(
+                    sequences, chunk, unfinished, stop_eos, pad if pad_finished else None, stop_length
+                )
             if streamer is not None:
                 streamer.put(sequences[:, start:].cpu())
-            if not unfinished.any():
+            if done:
                 break
             # The chunk as it stands in the sequences (finished rows feed their pads, as a token-level loop does).
-            if padded:  # an unpadded batch runs without a mask
+            if padded and not static:  # an unpadded batch runs without a mask
                 fed_mask = torch.cat([token_mask, torch.ones_like(sequences[:, prompt_length:])], dim=-1)
             fed_ids = (
                 sequences[:, start:] if use_cache else torch.cat([chunk_ids, sequences[:, prompt_length:]], dim=-1)
@@ -248,10 +296,35 @@ class CalmGenerationMixin(GenerationMixin):
             return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_NAME: cache})
         return sequences
 
-    def _next_chunk(self, hidden, length, min_length, eos, sampler) -> torch.LongTensor:
-        """The next chunk of every row; while the sequences are shorter than `min_length`, chunks with an EOS before
-        it are redrawn (the likelihood-free counterpart of transformers' masking of the EOS logit)."""
-        chunk = self.sample_next_chunk(hidden, **sampler)
+    def _decode_step(self, input_ids, chunk_attention_mask, cache, sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decoding step on a static cache: the backbone reads the last chunk `(batch, K)` and the head samples
+        the next one. Returns the last hidden state `(batch, hidden)` and the chunk `(batch, K)`, or `None` for the
+        exact temperature sampler, whose data-dependent rejection loop stays outside (eager)."""
+        outputs = self.model(
+            input_ids=input_ids, chunk_attention_mask=chunk_attention_mask, cache=cache, use_cache=True
+        )
+        hidden = outputs.last_hidden_state[:, -1]
+        if sampler["exact_temperature"] and sampler["do_sample"] and sampler["temperature"] != 1.0:
+            return hidden, None
+        return hidden, self.sample_next_chunk(hidden, **sampler)
+
+    def _compiled_decode_step(self, compile_config):
+        """`_decode_step` under `torch.compile`, built once per compile config (as transformers' `get_compiled_call`
+        builds a model's compiled forward). Draws from a `generator` stay eager (torch.compile breaks the graph at
+        them), so a compiled step draws exactly what the eager one does; without a generator the draws are traced
+        and come from the compiled graph's own random stream."""
+        compile_config = compile_config or self._default_compile_config()
+        if getattr(self, "_calm_compile_config", None) != compile_config:
+            self._calm_compile_config = compile_config
+            self._calm_compiled_step = torch.compile(self._decode_step, **compile_config.to_dict())
+        return self._calm_compiled_step
+
+    def _next_chunk(self, hidden, length, min_length, eos, sampler, chunk=None) -> torch.LongTensor:
+        """The next chunk of every row (`chunk` when the step already sampled it); while the sequences are shorter
+        than `min_length`, chunks with an EOS before it are redrawn (the likelihood-free counterpart of
+        transformers' masking of the EOS logit)."""
+        if chunk is None:
+            chunk = self.sample_next_chunk(hidden, **sampler)
         early = min(max(min_length - length, 0), chunk.shape[1])
         if eos is None or early == 0:
             return chunk
@@ -262,6 +335,30 @@ class CalmGenerationMixin(GenerationMixin):
             rows = redraw.nonzero().squeeze(1)
             chunk[rows] = self.sample_next_chunk(hidden[rows], **sampler)
         return chunk
+
+
+def _append_chunk(sequences, chunk, unfinished, eos, pad, max_length):
+    """`sequences` with a new `chunk` `(batch, K)` appended as transformers' EOS and max-length criteria would append
+    it one token at a time: a row's tokens after its first EOS become `pad` (when given), the chunk is cut at
+    `max_length`, and, when this chunk finishes every row, right after the token that finished the last one.
+    Returns `(sequences, unfinished, done)`; one host-device sync (`done`) when EOS can end rows."""
+    chunk = chunk[:, : max(max_length - sequences.shape[1], 1)]  # a token-level loop appends at least one
+    if eos is None:
+        sequences = torch.cat([sequences, chunk], dim=-1)
+        return sequences, unfinished, sequences.shape[1] >= max_length
+    is_eos = torch.isin(chunk, eos) & unfinished[:, None]
+    seen = is_eos.long().cumsum(-1)
+    if pad is not None:  # a token after the row's first EOS, or of a row that had finished, is padding
+        written = unfinished[:, None] & ((seen - is_eos.long()) == 0)
+        chunk = torch.where(written, chunk, pad)
+    unfinished = unfinished & ~is_eos.any(-1)
+    if sequences.shape[1] + chunk.shape[1] >= max_length:
+        return torch.cat([sequences, chunk], dim=-1), unfinished, True
+    if bool(unfinished.any()):
+        return torch.cat([sequences, chunk], dim=-1), unfinished, False
+    # Every row has finished: a token-level loop stops at the token that finished the last row.
+    first_eos = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), -1)
+    return torch.cat([sequences, chunk[:, : int(first_eos.max()) + 1]], dim=-1), unfinished, True
 
 
 def _has_right_padding(attention_mask: torch.Tensor) -> bool:

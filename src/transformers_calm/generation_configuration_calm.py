@@ -39,7 +39,10 @@ UNSUPPORTED_OPTIONS = {
     "assistant_early_exit": "assisted decoding verifies draft tokens with likelihoods, which CALM does not have",
     "output_attentions": "generate() does not return backbone attentions yet; call the model's forward for them",
     "output_hidden_states": "generate() does not return hidden states yet; call the model's forward for them",
-    "cache_implementation": "generate() uses a DynamicCache of the backbone; static and other caches are not supported yet",
+    "cache_implementation": (
+        "generate() runs the backbone on a 'dynamic' (the default) or a 'static' cache (for torch.compile); offloaded "
+        "and quantized caches are not supported yet"
+    ),
     "token_healing": "token healing re-scores the prompt's last token with next-token probabilities, which CALM lacks",
 }
 # What each option is when it asks for nothing (transformers' own defaults, or `None`).
@@ -47,6 +50,7 @@ _INACTIVE = {
     "num_beams": (None, 1),
     "top_k": (None, 0),  # 0 disables top-k in transformers
     "token_healing": (None, False),
+    "cache_implementation": (None, "dynamic", "static"),
     "num_beam_groups": (None, 1),
     "top_p": (None, 1.0),
     "typical_p": (None, 1.0),

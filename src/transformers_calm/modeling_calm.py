@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .compat import CACHE_NAME
+from .compat import CACHE_NAME, cache_max_length
 from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin
 from .generation_configuration_calm import CalmGenerationConfig
@@ -192,7 +192,9 @@ class CalmModel(CalmPreTrainedModel):
             return_dict (`bool`, *optional*):
                 Whether to return a [`CalmModelOutputWithPast`] instead of a tuple.
             chunk_attention_mask (`torch.Tensor` of shape `(batch_size, past_chunks + num_chunks)`, *optional*):
-                One entry per chunk instead of `attention_mask` (not both): 0 hides a whole chunk.
+                One entry per chunk instead of `attention_mask` (not both): 0 hides a whole chunk. With a static
+                cache it may also span the cache's whole length (`(batch_size, max_cache_len)`), the same shape at
+                every step.
             kwargs:
                 Passed on to the backbone (e.g. `output_attentions`).
         """
@@ -203,7 +205,18 @@ class CalmModel(CalmPreTrainedModel):
         K = self.config.patch_size
         inputs = input_ids if inputs_embeds is None else inputs_embeds
         batch_size, num_chunks = inputs.shape[0], inputs.shape[1] // K if inputs_embeds is None else inputs.shape[1]
-        past = cache.get_seq_length() if cache is not None else 0
+        # A static cache (transformers' `StaticCache`) has a fixed length; a chunk mask over all of it keeps the shapes
+        # of every decoding step the same, which a compiled step needs (slots after the current chunk are hidden by
+        # causality). Its length so far is a tensor: it is read only where a mask has to be checked against it.
+        static_length = cache_max_length(cache) if cache is not None and cache.is_compileable else None
+        if static_length is not None and static_length < 0:
+            static_length = None
+        full_static_mask = (
+            chunk_attention_mask is not None
+            and static_length is not None
+            and chunk_attention_mask.shape == (batch_size, static_length)
+        )
+        past = cache.get_seq_length() if cache is not None and not full_static_mask else 0
         if attention_mask is not None:
             if attention_mask.shape != (batch_size, (past + num_chunks) * K):
                 raise ValueError(
@@ -215,7 +228,11 @@ class CalmModel(CalmPreTrainedModel):
             chunk_attention_mask = attention_mask.unflatten(1, (-1, K)).any(-1).to(attention_mask.dtype)
         else:
             token_mask = None
-            if chunk_attention_mask is not None and chunk_attention_mask.shape != (batch_size, past + num_chunks):
+            if (
+                chunk_attention_mask is not None
+                and not full_static_mask
+                and chunk_attention_mask.shape != (batch_size, past + num_chunks)
+            ):
                 raise ValueError(
                     f"chunk_attention_mask must have one entry per chunk, past included: shape ({batch_size}, "
                     f"{past + num_chunks}), got {tuple(chunk_attention_mask.shape)}."

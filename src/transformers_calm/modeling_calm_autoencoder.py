@@ -39,7 +39,9 @@ def check_input_ids(input_ids: torch.LongTensor, config) -> None:
             f"reads and predicts whole chunks of K tokens. Pad or truncate to a multiple of {K}, or group texts into "
             "blocks whose length is a multiple of K."
         )
-    bad = id_outside_vocabulary(input_ids, vocab_size)
+    # Reading the ids is a host-device sync, which a compiled graph (the static-cache decoding step, whose ids come
+    # from the decoder's argmax) must not have: under torch.compile only the shapes are checked.
+    bad = None if torch.compiler.is_compiling() else id_outside_vocabulary(input_ids, vocab_size)
     if bad is not None:
         raise ValueError(
             f"input_ids contain the token id {bad}, outside the vocabulary [0, {vocab_size}) of "

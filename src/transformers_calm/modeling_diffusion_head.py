@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from .compat import generator_kwargs
 from .modeling_flow_head import CalmMLPAdaLN, loss_rows, sampling_inputs
 
 NUM_TRAIN_STEPS = 1000
@@ -144,7 +145,7 @@ class CalmDiffusionHead(nn.Module):
     def draw_noise(self, shape, generator=None, device=None, dtype=None) -> torch.Tensor:
         # Drawn step-major, as the official sampler draws x_T and then one noise per step for all rows.
         noise = torch.randn(
-            (NUM_SAMPLE_STEPS + 1, *shape, self.latent_size), generator=generator, device=device, dtype=dtype
+            (NUM_SAMPLE_STEPS + 1, *shape, self.latent_size), device=device, dtype=dtype, **generator_kwargs(generator)
         )
         return noise.movedim(0, -2)
 

@@ -8,6 +8,7 @@ proper scoring rule that needs only samples: N head samples against M samples of
 import torch
 from torch import nn
 
+from .compat import generator_kwargs
 from .configuration_calm import CalmConfig
 
 
@@ -79,7 +80,7 @@ class CalmEnergyHead(nn.Module):
 
     def draw_noise(self, shape, generator=None, device=None, dtype=None) -> torch.Tensor:
         """Noise for `shape` samples: `(*shape, noise_size)` uniform in [-0.5, 0.5)."""
-        return torch.rand((*shape, self.noise_size), generator=generator, device=device, dtype=dtype) - 0.5
+        return torch.rand((*shape, self.noise_size), device=device, dtype=dtype, **generator_kwargs(generator)) - 0.5
 
     def sample_noise(self, hidden_states: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform noise in [-0.5, 0.5), one vector of `noise_size` per hidden state."""

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from .compat import generator_kwargs
+
 
 class CalmAdaLNLinear(nn.Linear):
     """A linear layer of the MLP-AdaLN network; the official init: xavier-uniform weight, zero bias."""
@@ -151,7 +153,7 @@ class CalmFlowHead(nn.Module):
         return (self.latent_size,)
 
     def draw_noise(self, shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-        return torch.randn((*shape, self.latent_size), generator=generator, device=device, dtype=dtype)
+        return torch.randn((*shape, self.latent_size), device=device, dtype=dtype, **generator_kwargs(generator))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # The network embeds the integer floor(1000 t), computed in float32 as the official code does.

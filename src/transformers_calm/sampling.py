@@ -22,10 +22,13 @@ from typing import NamedTuple
 
 import torch
 
+from .compat import generator_kwargs
+
 
 def check_temperature(temperature: float) -> float:
     """Validate a likelihood-free sampling temperature, which must lie in (0, 1]."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or math.isnan(temperature):
+    # `t != t` is the NaN test that torch.compile traces (math.isnan breaks the compiled decoding step's graph).
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature != temperature:
         raise ValueError(f"temperature must be a number in (0, 1], got {temperature!r}.")
     if temperature <= 0:
         raise ValueError(
@@ -252,7 +255,7 @@ def batch_temperature_sample(
     log_weight = torch.lgamma(counts + 1) - torch.lgamma(level + 1) - torch.lgamma((counts - level).clamp(min=0) + 1)
     log_weight = torch.where(eligible, log_weight - counts.log(), torch.full_like(log_weight, -math.inf))
     weights = (log_weight - log_weight.max(-1, keepdim=True).values).exp()
-    pick = torch.multinomial(weights.float(), 1, generator=generator).squeeze(-1)  # (batch,)
+    pick = torch.multinomial(weights.float(), 1, **generator_kwargs(generator)).squeeze(-1)  # (batch,)
     return candidates.transpose(0, 1)[torch.arange(candidates.shape[1], device=candidates.device), pick]
 
 
