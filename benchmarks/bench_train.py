@@ -10,16 +10,21 @@ the token cross-entropy. float32 on CPU; on GPU float32 weights under bf16 autoc
     python benchmarks/bench_train.py --preset calm-m   # the paper's CALM-M backbone and Llama-3 vocabulary
     python benchmarks/bench_train.py --device cuda
     python benchmarks/bench_train.py --quick           # tiny model, one step (used by the tests)
+    python benchmarks/bench_train.py --compile         # both models under torch.compile (nn.Module.compile)
 
 Prints the median step time and training tokens per second of both, the speed-up (Llama step / CALM step), the FLOP
 ratio (forward and backward FLOPs counted with torch's FlopCounterMode: the speed-up if time followed the
 arithmetic), and the share of a CALM step spent in the energy head and loss: the energy loss (autoencoder posterior
 of the targets, N head samples, energy score) forward and backward, timed on its own on the backbone's detached
 hidden states, divided by the whole step, in time and in FLOPs; the autoencoder's part of it is printed beside.
+With `--compile` both models' forward passes (CALM's energy loss included) run compiled, the warm-up steps compile
+them, FLOPs are counted eagerly (the same arithmetic), and the head's share is that of the eager head against the
+compiled step. `--json PATH` writes the figures.
 """
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 import time
@@ -52,6 +57,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny model, one step")
+    parser.add_argument("--compile", action="store_true", help="both models under torch.compile")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in QUICK_SIZES.items():
@@ -72,6 +79,9 @@ def main(argv=None) -> None:
     calm, llama = build_models(args, device, torch.float32, args.seq_length)
     calm.train()
     llama.train()
+    if args.compile:
+        calm.compile()
+        llama.compile()
     print(
         f"backbone: hidden {args.hidden_size}, intermediate {args.intermediate_size}, {args.num_layers} layers, "
         f"{args.num_heads} heads, vocab {args.vocab_size}; CALM K={args.patch_size}, N={calm.config.num_samples}, "
@@ -79,6 +89,7 @@ def main(argv=None) -> None:
     )
     print(
         f"device {device.type}, {'bf16 autocast' if autocast_bf16 else 'float32'}, SDPA, "
+        f"{'compiled' if args.compile else 'eager'}, "
         f"{torch.get_num_threads()} CPU thread(s); batch {args.batch_size} x {args.seq_length} tokens, AdamW; median "
         f"of {args.steps} step(s) each (taking turns) after {args.warmup} warm-up step(s); torch {torch.__version__}"
     )
@@ -103,7 +114,8 @@ def main(argv=None) -> None:
     steps = {name: train_step(model, optimizers[name]) for name, model in (("llama", llama), ("calm", calm))}
 
     # The arithmetic of a step: one more step of each, counted (AdamW is element-wise: FlopCounterMode leaves it out).
-    flops = {name: count_flops(step) for name, step in steps.items()}
+    with torch.compiler.set_stance("force_eager"):  # counted eagerly: the same arithmetic
+        flops = {name: count_flops(step) for name, step in steps.items()}
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -131,7 +143,8 @@ def main(argv=None) -> None:
             calm.autoencoder.encode(input_ids[:, args.patch_size :])
 
     head_seconds = median_seconds(head_and_loss, args.steps, args.warmup, synchronize)
-    head_flops = count_flops(head_and_loss)
+    with torch.compiler.set_stance("force_eager"):
+        head_flops = count_flops(head_and_loss)
     encode_seconds = median_seconds(targets_posterior, args.steps, args.warmup, synchronize)
 
     tokens = args.batch_size * args.seq_length
@@ -155,6 +168,24 @@ def main(argv=None) -> None:
     print(f"flop ratio calm: {flops['llama'] / flops['calm']:.2f}")
     print(f"head+loss share: {share:.3f}")
     print(f"head+loss flop share: {flop_share:.3f}")
+    if args.json:
+        report = {
+            "settings": {
+                **vars(args),
+                "device": device.type,
+                "bf16_autocast": autocast_bf16,
+                "torch": torch.__version__,
+            },
+            "step_seconds": seconds,
+            "tokens_per_second": {name: tokens / seconds[name] for name in seconds},
+            "speedup": seconds["llama"] / seconds["calm"],
+            "flops_per_step": flops,
+            "head_and_loss_time_share": share,
+            "head_and_loss_flop_share": flop_share,
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"-> {args.json}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,25 @@ def test_bench_generate_compiled_quick_runs_and_writes_json(tmp_path):
     assert report["time_split"] == []  # the instrumented split would break the compiled graphs
 
 
+@pytest.mark.slow  # four benchmarks as child processes, two of them compiling
+def test_gpu_suite_writes_every_figure(tmp_path):
+    """benchmarks/gpu_suite.sh end to end, on CPU with tiny models (`--quick --device cpu` go to every benchmark)."""
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path), "--quick", "--device", "cpu"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = ["generate_eager", "generate_compiled", "train_eager", "train_compiled"]
+    reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in names}
+    assert reports["generate_compiled"]["settings"]["compile"] and not reports["generate_eager"]["settings"]["compile"]
+    assert reports["train_compiled"]["settings"]["compile"] and reports["train_eager"]["speedup"] > 0
+    assert json.loads((tmp_path / "environment.json").read_text())["torch"] == torch.__version__
+
+
 @pytest.mark.slow  # the benchmark as a child process
 def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
     stdout = run_quick(BENCH_TRAIN)

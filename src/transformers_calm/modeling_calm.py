@@ -396,7 +396,9 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
                     f"labels {tuple(labels.shape)} must have the shape of input_ids "
                     f"{None if input_ids is None else tuple(input_ids.shape)}."
                 )
-            bad = id_outside_vocabulary(labels[labels != -100], self.config.vocab_size)
+            # A data-dependent check (a host sync and a graph break): skipped in a compiled forward, as for input ids.
+            compiling = torch.compiler.is_compiling()
+            bad = None if compiling else id_outside_vocabulary(labels[labels != -100], self.config.vocab_size)
             if bad is not None:
                 raise ValueError(
                     f"labels contain the token id {bad}, outside the vocabulary [0, {self.config.vocab_size}); use "
