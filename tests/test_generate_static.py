@@ -143,6 +143,19 @@ def test_compiled_step_gives_the_eager_tokens():
     assert model._calm_compiled_step is not None  # the step was compiled, not run eagerly
 
 
+@pytest.mark.slow  # compiles the flow sampler's 10 midpoint steps (~40 s cold); the diffusion head's 100 steps
+# take minutes to compile and were checked by hand
+def test_compiled_step_with_the_flow_head():
+    model = head_model("flow").eval()
+    ids, mask = batches()["left-padded"]
+    kwargs = {"attention_mask": mask, "max_new_tokens": 3 * K}
+    eager = model.generate(ids, generator=seeded(1), **kwargs)
+    compiled = model.generate(
+        ids, generator=seeded(1), cache_implementation="static", compile_config=cpu_compile_config(), **kwargs
+    )
+    assert torch.equal(eager, compiled)
+
+
 @pytest.mark.slow  # compiles
 def test_compiled_step_matches_eager_within_float_tolerance():
     """The compiled graph (no generator: the draws are traced too) against the eager step on the same cache contents:

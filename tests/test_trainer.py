@@ -186,6 +186,26 @@ def test_bf16_training_is_finite_and_autocast(tmp_path):
     assert EVAL_KEYS <= metrics.keys() and all(math.isfinite(metrics[key]) for key in EVAL_KEYS)
 
 
+@pytest.mark.slow  # compiles
+def test_torch_compile_trains_as_eager(tmp_path, monkeypatch):
+    """`TrainingArguments(torch_compile=True)`: the Trainer compiles CALM (its energy loss included) and trains it as
+    eager does. Inductor draws its own random numbers unless `fallback_random` makes it use torch's, as eager does."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    losses, final = {}, {}
+    for compiled in (False, True):
+        model = make_model()
+        args = make_args(tmp_path / str(compiled), torch_compile=compiled, max_steps=3)
+        trainer = CalmTrainer(model=model, args=args, train_dataset=make_blocks(6))
+        trainer.train()
+        assert (type(trainer.model_wrapped).__name__ == "OptimizedModule") == compiled
+        losses[compiled], final[compiled] = [entry["loss"] for entry in train_logs(trainer)], weights(model)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    for name, value in final[False].items():
+        torch.testing.assert_close(final[True][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     """With activation (gradient) checkpointing the backbone layers recompute their forward in the backward pass (each
     attention runs twice per step), and the training is the same."""
