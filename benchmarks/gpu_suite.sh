@@ -15,8 +15,9 @@
 set -euo pipefail
 results=${1:?usage: benchmarks/gpu_suite.sh RESULTS_DIR [ARGS...]}
 shift
-cd "$(dirname "$0")/.."
 mkdir -p "$results"
+results=$(cd "$results" && pwd)  # before the cd below, so that a relative RESULTS_DIR means where it was given
+cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
 
 "$python" - <<'EOF'
@@ -54,11 +55,15 @@ json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(info)
 EOF
 
+failed=()
 run() {  # run NAME SCRIPT ARGS...: one benchmark, its figures in NAME.json and its output in NAME.log
     local name=$1 script=$2 start=$SECONDS
     shift 2
     echo "=== $name"
-    "$python" "benchmarks/$script" "$@" --json "$results/$name.json" 2>&1 | tee "$results/$name.log"
+    # A failing benchmark is reported at the end; the others still run (a GPU's time is short).
+    if ! "$python" "benchmarks/$script" "$@" --json "$results/$name.json" 2>&1 | tee "$results/$name.log"; then
+        failed+=("$name")
+    fi
     echo "=== $name: $((SECONDS - start)) s"
 }
 
@@ -68,4 +73,8 @@ run generate_eager bench_generate.py "${generate[@]}" "$@"
 run generate_compiled bench_generate.py "${generate[@]}" --compile "$@"
 run train_eager bench_train.py "${train[@]}" "$@"
 run train_compiled bench_train.py "${train[@]}" --compile "$@"
+if ((${#failed[@]})); then
+    echo "=== gpu suite: FAILED: ${failed[*]} (their logs are in $results; the other figures too)" >&2
+    exit 1
+fi
 echo "=== gpu suite: every figure in $results ($SECONDS s)"

@@ -7,10 +7,11 @@ import pytest
 import torch
 from factories import scale_head, tiny_calm
 from test_generate import PAD, VOCAB, K, find_eos_case, left_pad, prompt, seeded, tiny_lm
-from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import CompileConfig, EosTokenCriteria, MaxLengthCriteria, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import StaticCache
 
 from transformers_calm.compat import cache_max_length
+from transformers_calm.generation_calm import _append_chunk
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +187,53 @@ def test_compile_config_alone_on_cpu_stays_eager():
     model = tiny_lm(seed=3)
     model.generate(prompt(4), max_new_tokens=2 * K, cache_implementation="static", compile_config=CompileConfig())
     assert getattr(model, "_calm_compiled_step", None) is None
+
+
+def token_by_token(sequences, chunk, unfinished, eos, pad, max_length):
+    """generate's loop for other criteria, with transformers' own EOS and max-length criteria."""
+    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length)])
+    if eos is not None:
+        criteria.append(EosTokenCriteria(eos))
+    for token in chunk.unbind(-1):
+        if pad is not None:
+            token = torch.where(unfinished, token, pad)
+        sequences = torch.cat([sequences, token[:, None]], dim=-1)
+        unfinished = unfinished & ~criteria(sequences, None)
+        if not unfinished.any():
+            break
+    return sequences, unfinished, not unfinished.any()
+
+
+def test_append_chunk_is_the_token_wise_loop():
+    """`_append_chunk` against the token-wise loop on random cases: EOS anywhere (also in the chunk that reaches the
+    length limit), rows finished earlier, one or two EOS ids, pad None, equal to EOS or its own id."""
+    generator = seeded(0)
+    for case in range(600):
+        batch, length = int(torch.randint(1, 4, (1,), generator=generator)), int(torch.randint(1, 6, (1,)))
+        sequences = torch.randint(1, 6, (batch, length), generator=generator)
+        chunk = torch.randint(1, 6, (batch, K), generator=generator)
+        unfinished = torch.rand(batch, generator=generator) < 0.8
+        unfinished[0] = True  # generate never appends to a batch that has finished
+        eos = [None, torch.tensor([1]), torch.tensor([1, 2])][case % 3]
+        pad = [None, torch.tensor(1), torch.tensor(0)][case // 3 % 3] if eos is not None else None
+        max_length = length + int(torch.randint(1, 2 * K, (1,), generator=generator))
+        expected = token_by_token(sequences, chunk, unfinished, eos, pad, max_length)
+        got = _append_chunk(sequences, chunk, unfinished, eos, pad, max_length)
+        assert torch.equal(got[0], expected[0]) and got[2] == expected[2], case
+        if not expected[2]:  # the rows still running (when generation ends, the length criterion ends them all)
+            assert torch.equal(got[1], expected[1]), case
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_passed_max_length_criterion_sets_the_length(model, cache):
+    """A MaxLengthCriteria passed to generate replaces the config's (as in transformers): it decides the length, the
+    static cache's size, and the context check."""
+    ids = prompt(6)
+    longer = StoppingCriteriaList([MaxLengthCriteria(6 + 4 * K)])
+    out = model.generate(
+        ids, max_new_tokens=K, stopping_criteria=longer, generator=seeded(0), cache_implementation=cache
+    )
+    assert out.shape == (1, 6 + 4 * K)
+    beyond = StoppingCriteriaList([MaxLengthCriteria(model.config.max_tokens + 1)])
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        model.generate(ids, max_new_tokens=K, stopping_criteria=beyond, cache_implementation=cache)

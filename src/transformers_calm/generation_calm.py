@@ -180,16 +180,20 @@ class CalmGenerationMixin(GenerationMixin):
             room = self.config.max_tokens - (-prompt_length) % K
             generation_config.max_length = min(generation_config.max_length, max(room, prompt_length + 1))
         self._validate_generated_length(generation_config, prompt_length, has_default_max_length)
-        max_length = generation_config.max_length
+        criteria = self._get_stopping_criteria(
+            generation_config, stopping_criteria=stopping_criteria or StoppingCriteriaList(), tokenizer=tokenizer
+        )
+        # The length generation stops at: the config's max_length, or that of a MaxLengthCriteria passed in its place
+        # (transformers lets a passed criterion replace the default one).
+        max_length = min(
+            [c.max_length for c in criteria if isinstance(c, MaxLengthCriteria)], default=generation_config.max_length
+        )
         if max_length + (-prompt_length) % K > self.config.max_tokens:
             raise ValueError(
                 f"The prompt ({prompt_length} tokens, padded to whole chunks of K = {K}) and the continuation up to "
                 f"max_length = {max_length} exceed the model's context of {self.config.max_tokens} tokens "
                 f"(max_position_embeddings = {self.config.max_chunks} chunks of {K})."
             )
-        criteria = self._get_stopping_criteria(
-            generation_config, stopping_criteria=stopping_criteria or StoppingCriteriaList(), tokenizer=tokenizer
-        )
         eos = generation_config._eos_token_tensor
         pad = generation_config._pad_token_tensor
         # As transformers' sampling loop: finished rows get pad tokens only when EOS can finish them.
@@ -247,8 +251,7 @@ class CalmGenerationMixin(GenerationMixin):
         # EOS and the length limit, the usual criteria, are applied to a whole chunk at once (one host-device sync per
         # step, for "has every row finished?"); any other criterion sees the new tokens one at a time.
         per_token = not all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
-        if not per_token:  # what those criteria (the generation config's, or passed ones) stop at
-            stop_length = min([c.max_length for c in criteria if type(c) is MaxLengthCriteria], default=max_length)
+        if not per_token:  # the EOS ids those criteria (the generation config's, or passed ones) stop at
             stop_eos = [c.eos_token_id.flatten() for c in criteria if type(c) is EosTokenCriteria]
             stop_eos = torch.cat(stop_eos).to(device) if stop_eos else None
 
@@ -278,7 +281,7 @@ class CalmGenerationMixin(GenerationMixin):
                 done = not unfinished.any()
             else:
                 sequences, unfinished, done = _append_chunk(
-                    sequences, chunk, unfinished, stop_eos, pad if pad_finished else None, stop_length
+                    sequences, chunk, unfinished, stop_eos, pad if pad_finished else None, max_length
                 )
             if streamer is not None:
                 streamer.put(sequences[:, start:].cpu())
@@ -287,8 +290,12 @@ class CalmGenerationMixin(GenerationMixin):
             # The chunk as it stands in the sequences (finished rows feed their pads, as a token-level loop does).
             if padded and not static:  # an unpadded batch runs without a mask
                 fed_mask = torch.cat([token_mask, torch.ones_like(sequences[:, prompt_length:])], dim=-1)
+            # Contiguous: a view into the growing sequences has a new stride at every step, which a compiled step
+            # would take as a new input (a recompile, and a new CUDA graph under mode="reduce-overhead").
             fed_ids = (
-                sequences[:, start:] if use_cache else torch.cat([chunk_ids, sequences[:, prompt_length:]], dim=-1)
+                sequences[:, start:].contiguous()
+                if use_cache
+                else torch.cat([chunk_ids, sequences[:, prompt_length:]], dim=-1)
             )
         if streamer is not None:
             streamer.end()
@@ -352,13 +359,13 @@ def _append_chunk(sequences, chunk, unfinished, eos, pad, max_length):
         written = unfinished[:, None] & ((seen - is_eos.long()) == 0)
         chunk = torch.where(written, chunk, pad)
     unfinished = unfinished & ~is_eos.any(-1)
-    if sequences.shape[1] + chunk.shape[1] >= max_length:
-        return torch.cat([sequences, chunk], dim=-1), unfinished, True
-    if bool(unfinished.any()):
-        return torch.cat([sequences, chunk], dim=-1), unfinished, False
-    # Every row has finished: a token-level loop stops at the token that finished the last row.
-    first_eos = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), -1)
-    return torch.cat([sequences, chunk[:, : int(first_eos.max()) + 1]], dim=-1), unfinished, True
+    if not bool(unfinished.any()):
+        # Every row has finished: a token-level loop stops at the token that finished the last row (which may come
+        # before the length limit inside this chunk).
+        first_eos = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), -1)
+        return torch.cat([sequences, chunk[:, : int(first_eos.max()) + 1]], dim=-1), unfinished, True
+    sequences = torch.cat([sequences, chunk], dim=-1)
+    return sequences, unfinished, sequences.shape[1] >= max_length
 
 
 def _has_right_padding(attention_mask: torch.Tensor) -> bool:
