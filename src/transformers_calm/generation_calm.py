@@ -215,8 +215,7 @@ class CalmGenerationMixin(GenerationMixin):
         token_mask = torch.nn.functional.pad(attention_mask, (fill, 0), value=0)
         # Without any padding the backbone needs no mask (plain causal attention), which saves building one per step.
         padded = bool(fill) or not bool(attention_mask.all())
-        cache_implementation = generation_config.cache_implementation or "dynamic"
-        static = cache_implementation == "static"
+        static = generation_config.cache_implementation == "static"
         if static and not use_cache:
             raise ValueError("cache_implementation='static' needs use_cache=True (the static cache is the KV cache).")
         # The prompt's chunks and every chunk of the continuation: all the positions a static cache has to hold.
@@ -306,12 +305,12 @@ class CalmGenerationMixin(GenerationMixin):
     def _decode_step(self, input_ids, chunk_attention_mask, cache, sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decoding step on a static cache: the backbone reads the last chunk `(batch, K)` and the head samples
         the next one. Returns the last hidden state `(batch, hidden)` and the chunk `(batch, K)`, or `None` for the
-        exact temperature sampler, whose data-dependent rejection loop stays outside (eager)."""
+        exact temperature sampler, whose data-dependent rejection loop stays outside (eager: `_next_chunk` samples)."""
         outputs = self.model(
             input_ids=input_ids, chunk_attention_mask=chunk_attention_mask, cache=cache, use_cache=True
         )
         hidden = outputs.last_hidden_state[:, -1]
-        if sampler["exact_temperature"] and sampler["do_sample"] and sampler["temperature"] != 1.0:
+        if sampler["exact_temperature"]:
             return hidden, None
         return hidden, self.sample_next_chunk(hidden, **sampler)
 
@@ -350,20 +349,17 @@ def _append_chunk(sequences, chunk, unfinished, eos, pad, max_length):
     `max_length`, and, when this chunk finishes every row, right after the token that finished the last one.
     Returns `(sequences, unfinished, done)`; one host-device sync (`done`) when EOS can end rows."""
     chunk = chunk[:, : max(max_length - sequences.shape[1], 1)]  # a token-level loop appends at least one
-    if eos is None:
-        sequences = torch.cat([sequences, chunk], dim=-1)
-        return sequences, unfinished, sequences.shape[1] >= max_length
-    is_eos = torch.isin(chunk, eos) & unfinished[:, None]
-    seen = is_eos.long().cumsum(-1)
-    if pad is not None:  # a token after the row's first EOS, or of a row that had finished, is padding
-        written = unfinished[:, None] & ((seen - is_eos.long()) == 0)
-        chunk = torch.where(written, chunk, pad)
-    unfinished = unfinished & ~is_eos.any(-1)
-    if not bool(unfinished.any()):
-        # Every row has finished: a token-level loop stops at the token that finished the last row (which may come
-        # before the length limit inside this chunk).
-        first_eos = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), -1)
-        return torch.cat([sequences, chunk[:, : int(first_eos.max()) + 1]], dim=-1), unfinished, True
+    if eos is not None:
+        is_eos = torch.isin(chunk, eos) & unfinished[:, None]
+        if pad is not None:  # a token after the row's first EOS, or of a row that had finished, is padding
+            eos_before = is_eos.long().cumsum(-1) - is_eos.long()
+            chunk = torch.where(unfinished[:, None] & (eos_before == 0), chunk, pad)
+        unfinished = unfinished & ~is_eos.any(-1)
+        if not bool(unfinished.any()):
+            # Every row has finished: a token-level loop stops at the token that finished the last row (which may
+            # come before the length limit inside this chunk).
+            first_eos = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), -1)
+            return torch.cat([sequences, chunk[:, : int(first_eos.max()) + 1]], dim=-1), unfinished, True
     sequences = torch.cat([sequences, chunk], dim=-1)
     return sequences, unfinished, sequences.shape[1] >= max_length
 

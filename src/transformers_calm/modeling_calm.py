@@ -208,13 +208,11 @@ class CalmModel(CalmPreTrainedModel):
         # A static cache (transformers' `StaticCache`) has a fixed length; a chunk mask over all of it keeps the shapes
         # of every decoding step the same, which a compiled step needs (slots after the current chunk are hidden by
         # causality). Its length so far is a tensor: it is read only where a mask has to be checked against it.
-        static_length = cache_max_length(cache) if cache is not None and cache.is_compileable else None
-        if static_length is not None and static_length < 0:
-            static_length = None
         full_static_mask = (
             chunk_attention_mask is not None
-            and static_length is not None
-            and chunk_attention_mask.shape == (batch_size, static_length)
+            and cache is not None
+            and cache.is_compileable
+            and chunk_attention_mask.shape == (batch_size, cache_max_length(cache))
         )
         past = cache.get_seq_length() if cache is not None and not full_static_mask else 0
         if attention_mask is not None:
@@ -396,9 +394,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
                     f"labels {tuple(labels.shape)} must have the shape of input_ids "
                     f"{None if input_ids is None else tuple(input_ids.shape)}."
                 )
-            # A data-dependent check (a host sync and a graph break): skipped in a compiled forward, as for input ids.
-            compiling = torch.compiler.is_compiling()
-            bad = None if compiling else id_outside_vocabulary(labels[labels != -100], self.config.vocab_size)
+            bad = id_outside_vocabulary(labels, self.config.vocab_size, ignore_index=-100)
             if bad is not None:
                 raise ValueError(
                     f"labels contain the token id {bad}, outside the vocabulary [0, {self.config.vocab_size}); use "

@@ -17,8 +17,17 @@ from transformers.utils import ModelOutput
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
 
 
-def id_outside_vocabulary(ids: torch.Tensor, vocab_size: int) -> int | None:
-    """An id of `ids` outside `[0, vocab_size)` (the smallest if one is negative, else the largest), or `None`."""
+def id_outside_vocabulary(ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> int | None:
+    """An id of `ids` outside `[0, vocab_size)` (the smallest if one is negative, else the largest), or `None`;
+    entries equal to `ignore_index` (e.g. -100 in labels) are not ids.
+
+    Reading the ids is a host-device sync, which a compiled graph (the static-cache decoding step, whose ids come from
+    the decoder's argmax; a compiled training forward) must not have: under torch.compile the check is skipped (`None`).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if ignore_index is not None:
+        ids = ids[ids != ignore_index]
     if ids.numel() == 0:
         return None
     low, high = int(ids.min()), int(ids.max())
@@ -39,9 +48,7 @@ def check_input_ids(input_ids: torch.LongTensor, config) -> None:
             f"reads and predicts whole chunks of K tokens. Pad or truncate to a multiple of {K}, or group texts into "
             "blocks whose length is a multiple of K."
         )
-    # Reading the ids is a host-device sync, which a compiled graph (the static-cache decoding step, whose ids come
-    # from the decoder's argmax) must not have: under torch.compile only the shapes are checked.
-    bad = None if torch.compiler.is_compiling() else id_outside_vocabulary(input_ids, vocab_size)
+    bad = id_outside_vocabulary(input_ids, vocab_size)  # under torch.compile only the shapes are checked
     if bad is not None:
         raise ValueError(
             f"input_ids contain the token id {bad}, outside the vocabulary [0, {vocab_size}) of "
