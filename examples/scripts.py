@@ -5,12 +5,14 @@ save / evaluate sequence.
 Example plumbing, not part of the package: the scripts import it as a sibling module (`python examples/x.py` puts
 `examples/` on `sys.path`)."""
 
+import gc
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 import transformers
 
 from transformers_calm.data import load_blocks
@@ -22,8 +24,22 @@ class ScriptDataArguments:
     """The data arguments of every training script; each script's `DataArguments` adds its packing options and may
     redefine `block_size` with its own default."""
 
-    train_file: str = field(metadata={"help": "JSON lines with a `text` field (.json/.jsonl), or plain text."})
-    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file."})
+    train_file: list[str] = field(
+        metadata={
+            "help": "One or more files or glob patterns, local or remote (hf://..., s3://...): JSON lines with a `text` "
+            "field (.json/.jsonl) or plain text, plain or compressed (.zst, .gz, ...)."
+        }
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Same formats as --train_file (one file)."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training data: tokenise and pack it on the fly as training reads it (training starts "
+            "at once, no cache; each process reads its own part; checkpoints record where the stream stands, so "
+            "--resume_from_checkpoint continues at the next unseen block). Needs --max_steps and "
+            "--dataloader_num_workers 0. The validation file is still tokenised up front."
+        },
+    )
     block_size: int = field(
         default=2048, metadata={"help": "Tokens per training sequence; must be a multiple of K (patch_size)."}
     )
@@ -49,6 +65,9 @@ class ScriptDataArguments:
             num_proc=self.preprocessing_num_workers,
             overwrite_cache=self.overwrite_cache,
             main_process_first=training_args.main_process_first,
+            streaming=self.streaming,
+            process_index=training_args.process_index,
+            num_processes=training_args.world_size,
             **packing,
         )
 
@@ -65,6 +84,11 @@ class OfficialTrainingArguments(CalmTrainingArguments):
     weight_decay: float = field(default=0.1)
     lr_scheduler_type: str = field(default="constant")
     max_grad_norm: float = field(default=1.0)
+
+
+def count_blocks(dataset) -> str:
+    """`"1,234"`, or `"streamed"` for a dataset without a length, for the scripts' log lines."""
+    return f"{len(dataset):,}" if hasattr(dataset, "__len__") else "streamed"
 
 
 def parse_script_args(parser: transformers.HfArgumentParser, argv=None) -> tuple:
@@ -106,3 +130,20 @@ def train_and_evaluate(trainer: transformers.Trainer) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     return metrics
+
+
+def close_distributed(trainer: transformers.Trainer) -> None:
+    """End a distributed run cleanly (nothing without one): wait until every process (rank 0 saving last) is done,
+    then close the process group, so that no process leaves first and aborts the others (SIGABRT, "terminate called
+    without an active exception").
+
+    The DDP wrapper is freed before: its gradient reducer holds the process group, and freed at interpreter exit it
+    would destroy the group while holding the GIL, with gloo's worker thread still releasing the barrier's work
+    (which needs the GIL): the process then never exits."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    trainer.accelerator.wait_for_everyone()
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    gc.collect()
+    torch.distributed.destroy_process_group()

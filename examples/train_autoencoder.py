@@ -13,8 +13,9 @@ copy of the input ids, pads included.
 Paper-scale run (the official recipe: Llama-3 tokenizer, K=4, l=128, AdamW (0.9, 0.95), wd 0.1, constant lr 3e-4,
 grad clip 1.0, bf16; the official global batch is 256 blocks of 2048 tokens):
 
-    python examples/train_autoencoder.py --tokenizer meta-llama/Meta-Llama-3-8B \
-        --train_file pile_00.jsonl --validation_file data/wikitext_document_level-test.json \
+    torchrun --nproc_per_node 8 examples/train_autoencoder.py --tokenizer meta-llama/Meta-Llama-3-8B \
+        --train_file pile/train/00.jsonl.zst pile/train/01.jsonl.zst --streaming --dataloader_num_workers 0 \
+        --validation_file data/wikitext_document_level-test.json \
         --block_size 2048 --per_device_train_batch_size 8 --gradient_accumulation_steps 4 \
         --max_steps 30000 --bf16 --eval_strategy steps --eval_steps 1000 --output_dir outputs/autoencoder
 
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
     OfficialTrainingArguments,
     ScriptDataArguments,
+    close_distributed,
+    count_blocks,
     parse_script_args,
     setup_logging,
     train_and_evaluate,
@@ -101,7 +104,7 @@ def main(argv=None):
     tokenizer = prepare_tokenizer(model_args.tokenizer)
     train_dataset, eval_dataset = data_args.load_blocks(tokenizer, model_args.patch_size, training_args)
     logger.info(
-        f"{len(train_dataset)} training blocks of {data_args.block_size} tokens"
+        f"{count_blocks(train_dataset)} training blocks of {data_args.block_size} tokens"
         + (f", {len(eval_dataset)} validation blocks" if eval_dataset is not None else "")
     )
 
@@ -145,6 +148,7 @@ def main(argv=None):
         data_collator=default_data_collator,
     )
     metrics = train_and_evaluate(trainer)
+    close_distributed(trainer)
     return trainer, metrics
 
 

@@ -14,10 +14,13 @@ Data (`--packing`, see `transformers_calm.data`):
   `--eval_packing stream --block_size 8192` on WikiText to reproduce the official BrierLM protocol.
 
 Paper-scale run (CALM-M: the official optimiser AdamW (0.9, 0.95), wd 0.1, constant lr 3e-4, clip 1.0, bf16; global
-batch 256 blocks of 8192 tokens):
+batch 256 blocks of 8192 tokens; the whole two-stage run with every option: examples/recipes/calm-m.sh). --streaming
+tokenises the shards as training reads them, each process its own part, and checkpoints record where each stream
+stands, so --resume_from_checkpoint continues at the next unseen block:
 
     torchrun --nproc_per_node 8 examples/train_calm.py --autoencoder outputs/autoencoder \
-        --train_file pile_02.jsonl --validation_file data/wikitext_document_level-test.json \
+        --train_file pile/train/0[2-9].jsonl.zst pile/train/[12]?.jsonl.zst --streaming --dataloader_num_workers 0 \
+        --validation_file data/wikitext_document_level-test.json \
         --block_size 8192 --per_device_train_batch_size 4 --gradient_accumulation_steps 8 --max_steps 250000 \
         --bf16 --eval_strategy steps --eval_steps 1000 --per_device_eval_batch_size 1 \
         --metric_for_best_model eval_brierlm --output_dir outputs/calm-m
@@ -44,6 +47,8 @@ import torch
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
     OfficialTrainingArguments,
     ScriptDataArguments,
+    close_distributed,
+    count_blocks,
     parse_script_args,
     setup_logging,
     train_and_evaluate,
@@ -251,7 +256,7 @@ def main(argv=None):
         tokenizer, K, training_args, packing=data_args.packing, eval_packing=eval_packing
     )
     logger.info(
-        f"{len(train_dataset)} training blocks of {data_args.block_size} tokens ({data_args.packing} packing)"
+        f"{count_blocks(train_dataset)} training blocks of {data_args.block_size} tokens ({data_args.packing} packing)"
         + (f", {len(eval_dataset)} validation blocks ({eval_packing} packing)" if eval_dataset is not None else "")
     )
 
@@ -277,11 +282,7 @@ def main(argv=None):
         with open(os.path.join(checksum_dir, f"weights_rank{training_args.process_index}.json"), "w") as f:
             json.dump(record, f)
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Let rank 0 finish saving before any process leaves, then close the group: a process that exits first can
-        # otherwise abort the others (SIGABRT, "terminate called without an active exception").
-        trainer.accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+    close_distributed(trainer)
     return trainer, metrics
 
 

@@ -38,8 +38,13 @@ from transformers import (
 )
 
 from transformers_calm.data import PACKINGS
+from transformers_calm.trainer_streaming import StreamedTrainingDataMixin
 
 logger = logging.getLogger(__name__)
+
+
+class LlamaTrainer(StreamedTrainingDataMixin, Trainer):
+    """transformers' `Trainer`, which with `--streaming` reads and resumes the stream as the CALM trainers do."""
 
 
 @dataclass
@@ -97,7 +102,7 @@ def main(argv=None):
     model = LlamaForCausalLM(config)
     logger.info(f"LlamaForCausalLM with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
-    trainer = Trainer(
+    trainer = LlamaTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -4,12 +4,19 @@ One place decides what "tiny" means, so that a change of the config layout is on
 milliseconds per step; each test passes the overrides it needs (K, vocabulary, special tokens, backbone family).
 """
 
+import json
 import math
+import os
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
 
+WIKITEXT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "wikitext_document_level-test.json"
+)
 # The autoencoder holds K (`patch_size`), l (`latent_size`), the vocabulary and the special tokens of a CALM model.
 TINY_AUTOENCODER = {"vocab_size": 97, "patch_size": 4, "latent_size": 8, "hidden_size": 32, "intermediate_size": 48}
 # Fields of the backbone's transformers config (Llama by default).
@@ -89,3 +96,25 @@ def random_ids(batch: int, length: int, vocab_size: int = TINY_AUTOENCODER["voca
     """Random token ids `(batch, length)` in `[low, vocab_size)` (by default no id 0, the tests' pad)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(low, vocab_size, (batch, length), generator=generator)
+
+
+def documents(count, skip=0, chars=1500) -> list[str]:
+    """The first `chars` characters of `count` documents of the bundled WikiText-103 test set, from `skip` on."""
+    with open(WIKITEXT, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    return [text[:chars] for text in texts[skip : skip + count]]
+
+
+def word_tokenizer(texts, pad=True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer that prepends BOS, as the Llama-3 tokenizer does; ids 0..3 are the special tokens."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"] if pad else ["<s>", "</s>", "<unk>"]
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=300, special_tokens=specials))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
+    )

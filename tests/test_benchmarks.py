@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SAMPLING = REPO_ROOT / "benchmarks" / "bench_sampling.py"
 BENCH_GENERATE = REPO_ROOT / "benchmarks" / "bench_generate.py"
 BENCH_TRAIN = REPO_ROOT / "benchmarks" / "bench_train.py"
+BENCH_STREAMING = REPO_ROOT / "benchmarks" / "bench_streaming.py"
 
 
 def run_quick(script: Path, *arguments: str) -> str:
@@ -149,6 +150,24 @@ def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
     flop_share = re.search(r"^head\+loss flop share: ([0-9.]+)$", stdout, flags=re.MULTILINE)
     assert flop_share and 0 < float(flop_share.group(1)) < 1, stdout
     assert re.search(r"^flop ratio calm: [0-9.]+$", stdout, flags=re.MULTILINE), stdout
+
+
+@pytest.mark.slow  # the benchmark launches train_calm.py on 2 processes, 8 times
+def test_bench_streaming_quick_runs_and_writes_every_figure(tmp_path):
+    """Streamed against pre-tokenised train_calm.py on 2 processes (a word tokenizer of the bundled text)."""
+    from factories import documents, word_tokenizer
+
+    word_tokenizer(documents(62)).save_pretrained(tmp_path / "tokenizer")
+    stdout = run_quick(BENCH_STREAMING, "--tokenizer", str(tmp_path / "tokenizer"), "--json", str(tmp_path / "s.json"))
+    assert re.search(
+        r"^tokens/s: pre-tokenised [0-9]+, streamed [0-9]+ \(streamed / pre-tokenised [0-9.]+x\)$",
+        stdout,
+        flags=re.MULTILINE,
+    ), stdout
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert figures["processes"] == 2 and set(figures["resume_s"]) == {"1", "2"}
+    for key in ("pretokenised_tokens_per_s", "streamed_tokens_per_s", "streamed_launch_to_first_step_s"):
+        assert figures[key] > 0, key
 
 
 # ------------------------------------------------------------------------------------------------ bench_quality

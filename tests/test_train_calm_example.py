@@ -14,8 +14,8 @@ import factories
 import pytest
 import torch
 from common import AUTOENCODER_EVAL_KEYS, EVAL_KEYS
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TrainingArguments
+from factories import documents, word_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from transformers_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer
 from transformers_calm.data import build_blocks, documents_to_ids, load_documents
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:BrierLM is reported as 0")  # un
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "examples", "train_calm.py")
-WIKITEXT = os.path.join(REPO_ROOT, "data", "wikitext_document_level-test.json")
 K = 4
 BLOCK_SIZE = 32
 SHAPE_ARGS = [
@@ -36,27 +35,6 @@ SHAPE_ARGS = [
 
 def load_example(name="train_calm"):
     return importlib.import_module(name)  # examples/ is on sys.path (conftest)
-
-
-def documents(count, skip=0, chars=1500):
-    with open(WIKITEXT, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
-    return [text[:chars] for text in texts[skip : skip + count]]
-
-
-def word_tokenizer(texts, pad=True) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer that prepends BOS, as the Llama-3 tokenizer does; ids 0..3 are the special tokens."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"] if pad else ["<s>", "</s>", "<unk>"]
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=300, special_tokens=specials))
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
-    )
-    extra = {"pad_token": "<pad>"} if pad else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra
-    )
 
 
 @pytest.fixture
@@ -235,6 +213,32 @@ def test_train_autoencoder_end_to_end(workdir):
     assert saved_metrics["eval_chunk_accuracy"] == metrics["eval_chunk_accuracy"]
 
 
+def test_scripts_train_on_streamed_data(workdir):
+    """--streaming in both scripts: the training blocks are a datasets.IterableDataset of the pre-tokenised blocks, a
+    checkpoint holds the stream's state, and the validation blocks are still built up front."""
+    example = load_example()
+    common = ["--per_device_train_batch_size", "1", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    streamed, _ = example.main(script_args(workdir, workdir / "calm-streamed", *common, "--streaming"))
+    assert isinstance(streamed.train_dataset, datasets.IterableDataset)
+    assert isinstance(streamed.eval_dataset, datasets.Dataset)
+    assert (workdir / "calm-streamed" / "checkpoint-2" / "stream_state_rank0.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "autoencoder")
+    blocks = build_blocks(load_documents(str(workdir / "train.jsonl")), tokenizer, K, BLOCK_SIZE)
+    assert list(streamed.train_dataset) == blocks.to_list()
+
+    autoencoder = load_example("train_autoencoder")
+    # fmt: off
+    trainer, _ = autoencoder.main([
+        "--tokenizer", str(workdir / "autoencoder"), "--train_file", str(workdir / "train.jsonl"), "--streaming",
+        "--block_size", str(BLOCK_SIZE), "--patch_size", str(K), "--latent_size", "6", "--hidden_size", "16",
+        "--intermediate_size", "24", "--per_device_train_batch_size", "2", "--max_steps", "2", "--report_to", "none",
+        "--use_cpu", "--seed", "0", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+        "--output_dir", str(workdir / "ae-streamed"),
+    ])
+    # fmt: on
+    assert isinstance(trainer.train_dataset, datasets.IterableDataset) and trainer.state.global_step == 2
+
+
 @pytest.mark.slow  # torchrun, 2 processes
 def test_train_calm_on_two_processes(workdir):
     """torchrun with 2 CPU processes (gloo): both ranks run, end with the same weights (those saved), and the
@@ -275,3 +279,42 @@ def test_train_calm_on_two_processes(workdir):
     distributed = json.loads((output_dir / "eval_results.json").read_text())
     for key in EVAL_KEYS:
         assert distributed[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
+
+
+def test_paper_recipe_commands_are_valid(tmp_path):
+    """examples/recipes/calm-m.sh (DRY_RUN): both stages' commands parse with the scripts' own arguments, read the
+    official shards, and keep the official global batch of 256 blocks on 8 and on 1 GPU."""
+    pile = tmp_path / "pile"
+    pile.mkdir()
+    for shard in range(30):
+        (pile / f"{shard:02d}.jsonl.zst").touch()
+    recipe = os.path.join(REPO_ROOT, "examples", "recipes", "calm-m.sh")
+    for gpus in (8, 1):
+        result = subprocess.run(
+            ["bash", recipe, str(pile), str(tmp_path / "out"), str(gpus)],
+            env={**os.environ, "DRY_RUN": "1"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        commands = [line[2:].split() for line in result.stdout.splitlines() if line.startswith("+ ")]
+        assert len(commands) == 2
+        for command, name, shards, block_size in (
+            (commands[0], "train_autoencoder", ["00", "01"], 2048),
+            (commands[1], "train_calm", [f"{s:02d}" for s in range(2, 30)], 8192),
+        ):
+            script = next(i for i, arg in enumerate(command) if arg.endswith(f"{name}.py"))
+            assert command[command.index("--num_processes") + 1] == str(gpus)
+            example = load_example(name)
+            arguments = getattr(
+                example, "CalmTrainingArguments" if name == "train_calm" else "AutoencoderTrainingArguments"
+            )
+            parser = HfArgumentParser((example.ModelArguments, example.DataArguments, arguments))
+            # --use_cpu: this machine has no GPU, and TrainingArguments refuses bf16 on CPU without it.
+            argv = [*command[script + 1 :], "--use_cpu"]
+            _, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+            assert data_args.streaming and data_args.block_size == block_size
+            assert [os.path.basename(f).split(".")[0] for f in data_args.train_file] == shards
+            batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * gpus
+            assert batch == 256 and training_args.bf16 and training_args.learning_rate == 3e-4

@@ -10,9 +10,9 @@ import math
 import factories
 import pytest
 import torch
-from common import AUTOENCODER_EVAL_KEYS, EVAL_KEYS
+from common import AUTOENCODER_EVAL_KEYS, EVAL_KEYS, StopAt
 from datasets import Dataset
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 import transformers_calm
 from transformers_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer, modeling_calm
@@ -225,18 +225,6 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
         final[checkpointing] = weights(model)
     for name, value in final[False].items():
         torch.testing.assert_close(final[True][name], value, rtol=1e-5, atol=1e-6, msg=name)
-
-
-class StopAt(TrainerCallback):
-    """Interrupts training after `step` (the schedule and `max_steps` stay those of the full run)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
 
 
 def test_resume_from_checkpoint_is_exact(tmp_path):

@@ -14,20 +14,40 @@ Two ways of packing tokenised documents into blocks (`packing`):
 
 In both, the concatenated ids of a `datasets.map` batch are cut into blocks of `block_size` tokens and the remainder
 that fills no block is dropped (the `run_clm` recipe). Labels are a copy of the input ids (pads included).
+
+Streaming (`streaming=True`): the same recipe on a `datasets.IterableDataset`, tokenised and packed on the fly as
+training reads it, so that a run over a corpus of any size starts at once and writes no cache. The map batches are
+the same (1,000 documents), so the blocks are the same as without streaming, in the same order. The stream is not
+shuffled: a shuffle buffer is not part of the state a checkpoint can record (corpora such as The Pile come with their
+documents already shuffled across shards). In a run on several processes each one tokenises its own part of the
+documents ([`split_documents`]: whole shards when their number divides by the number of processes, otherwise every
+n-th document).
 """
 
 import contextlib
+import importlib.util
 import logging
 from itertools import chain
 
-from datasets import load_dataset
+from datasets import IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer
 
 logger = logging.getLogger(__name__)
 
 PACKINGS = ("aligned", "stream")
+# Compressed files are read through fsspec, which infers the codec from the extension (`.zst` needs `zstandard`).
+COMPRESSION_EXTENSIONS = ("zst", "zstd", "gz", "bz2", "xz", "lz4")
 
-__all__ = ["PACKINGS", "build_blocks", "documents_to_ids", "load_blocks", "load_documents", "prepare_tokenizer"]
+__all__ = [
+    "PACKINGS",
+    "build_blocks",
+    "documents_to_ids",
+    "load_blocks",
+    "load_documents",
+    "prepare_tokenizer",
+    "split_documents",
+]
 
 
 def _check_packing(packing: str) -> str:
@@ -89,40 +109,95 @@ def documents_to_ids(texts, tokenizer, patch_size, return_lengths=False, packing
     return (all_ids, lengths) if return_lengths else all_ids
 
 
-def load_documents(path, sample_by="paragraph"):
-    """A `datasets.Dataset` with one `text` column, one row per non-empty document.
+def _file_format(path: str) -> str:
+    """`"json"` for JSON lines (`.json` / `.jsonl`), else `"text"`; a compression extension is looked through."""
+    parts = path.lower().rsplit("/", 1)[-1].split(".")
+    if len(parts) > 2 and parts[-1] in COMPRESSION_EXTENSIONS:
+        parts = parts[:-1]
+    return "json" if parts[-1] in ("json", "jsonl") else "text"
+
+
+def load_documents(path, sample_by="paragraph", streaming=False):
+    """A `datasets.Dataset` (or, streaming, a `datasets.IterableDataset`) with one `text` column, one row per
+    non-empty document.
 
     Args:
-        path (`str`): JSON lines with a `text` field (`.json` / `.jsonl`), or a plain-text file.
+        path (`str` or `list[str]`): one or more files or glob patterns (`shards/*.jsonl.zst`), local or remote (any
+            URL `datasets` reads, e.g. `hf://datasets/...`): JSON lines with a `text` field (`.json` / `.jsonl`), or
+            plain text; either may be compressed (`.zst`, `.gz`, `.bz2`, `.xz`). All must have the same format.
         sample_by (`str`): how a plain-text file is cut into documents: `"line"`, `"paragraph"` (blank lines separate
             documents) or `"document"` (the whole file).
+        streaming (`bool`): read the files lazily, as the dataset is iterated (nothing is downloaded or cached first).
     """
-    extension = path.rsplit(".", 1)[-1].lower()
-    if extension in ("json", "jsonl"):
-        dataset = load_dataset("json", data_files=path, split="train")
-    else:
-        dataset = load_dataset("text", data_files=path, split="train", sample_by=sample_by)
-    if "text" not in dataset.column_names:
+    paths = [path] if isinstance(path, str) else list(path)
+    if not paths:
+        raise ValueError("No data file given.")
+    formats = {_file_format(p) for p in paths}
+    if len(formats) > 1:
+        raise ValueError(f"The data files mix JSON lines and plain text ({paths}): pass files of one format.")
+    if any(p.lower().endswith((".zst", ".zstd")) for p in paths) and importlib.util.find_spec("zstandard") is None:
+        raise ImportError(
+            "Reading .zst files needs the `zstandard` package: `pip install zstandard` (or transformers-calm[zst])."
+        )
+    file_format = formats.pop()
+    options = {} if file_format == "json" else {"sample_by": sample_by}
+    dataset = load_dataset(file_format, data_files=paths, split="train", streaming=streaming, **options)
+    # A streamed JSON dataset knows its columns from its first file; when it does not, a missing `text` field fails
+    # at the first read instead.
+    if dataset.column_names is not None and "text" not in dataset.column_names:
         raise ValueError(f"{path} has no `text` field (columns: {dataset.column_names}).")
     dataset = dataset.select_columns(["text"])
+
     # Empty documents would become a lone [BOS, EOS, PAD, PAD] chunk (blank lines of a text file): skip them.
-    return dataset.filter(lambda example: bool(example["text"].strip()), desc="Dropping empty documents")
+    def non_empty(example):
+        return bool(example["text"].strip())
+
+    if streaming:
+        return dataset.filter(non_empty)
+    return dataset.filter(non_empty, desc="Dropping empty documents")
 
 
-def build_blocks(dataset, tokenizer, patch_size, block_size, num_proc=None, overwrite_cache=False, packing="aligned"):
+def split_documents(documents, process_index, num_processes):
+    """This process's part of a stream of documents (a `datasets.IterableDataset`), no document in two parts: whole
+    shards (files) when their number divides by `num_processes` (`datasets.distributed.split_dataset_by_node`, each
+    process then reads its own files only), otherwise every `num_processes`-th document from `process_index` on (each
+    process then reads every file but tokenises its own documents only). Splitting the documents, not the blocks, is
+    what spares the tokenisation: `split_dataset_by_node` applied to documents that do not split by shard would still
+    let every process tokenise them all, and keep every n-th block.
+
+    The blocks built from the part carry `process_split = (process_index, num_processes)` when [`load_blocks`] made
+    them, which tells the trainers that the stream is this process's already."""
+    if documents.n_shards % num_processes == 0:
+        return split_dataset_by_node(documents, rank=process_index, world_size=num_processes)
+    return documents.filter(lambda _, index: index % num_processes == process_index, with_indices=True)
+
+
+def build_blocks(
+    dataset,
+    tokenizer,
+    patch_size,
+    block_size,
+    num_proc=None,
+    overwrite_cache=False,
+    packing="aligned",
+    map_batch_size=1000,
+):
     """Tokenise the documents of `dataset` (a `text` column) and group them into blocks of `block_size` tokens.
 
     Args:
-        dataset (`datasets.Dataset`): documents, e.g. from [`load_documents`].
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`): documents, e.g. from [`load_documents`]. An
+            iterable dataset is tokenised and packed lazily, as it is read, into the same blocks.
         tokenizer: see [`documents_to_ids`].
         patch_size (`int`): K; `block_size` must be a multiple of it so that every block holds whole chunks.
         block_size (`int`): tokens per block.
-        num_proc (`int`, *optional*): processes for `datasets.map`.
+        num_proc (`int`, *optional*): processes for `datasets.map` (not for an iterable dataset).
         overwrite_cache (`bool`): recompute instead of reusing the `datasets` cache.
         packing (`str`): `"aligned"` (default) or `"stream"`, see the module docstring.
+        map_batch_size (`int`): documents per `datasets.map` batch (the `run_clm` 1,000); the blocks of a batch are cut
+            from its documents alone, and a resumed stream re-tokenises at most one batch.
 
     Returns:
-        `datasets.Dataset` with `input_ids` and `labels` (a copy of `input_ids`), each `block_size` long.
+        A dataset of the same kind with `input_ids` and `labels` (a copy of `input_ids`), each `block_size` long.
     """
     _check_packing(packing)
     if block_size % patch_size:
@@ -141,10 +216,16 @@ def build_blocks(dataset, tokenizer, patch_size, block_size, num_proc=None, over
         blocks = [concatenated[i : i + block_size] for i in range(0, total, block_size)]
         return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
 
+    if isinstance(dataset, IterableDataset):
+        # Same functions, same map batches (1,000 rows), hence the same blocks; no cache, no worker processes.
+        columns = dataset.column_names or ["text"]
+        tokenized = dataset.map(tokenize, batched=True, batch_size=map_batch_size, remove_columns=columns)
+        return tokenized.map(group_texts, batched=True, batch_size=map_batch_size)
     description = "+EOS, padded to a multiple of K" if packing == "aligned" else "no EOS, no padding"
     dataset = dataset.map(
         tokenize,
         batched=True,
+        batch_size=map_batch_size,
         remove_columns=dataset.column_names,
         num_proc=num_proc,
         load_from_cache_file=not overwrite_cache,
@@ -153,6 +234,7 @@ def build_blocks(dataset, tokenizer, patch_size, block_size, num_proc=None, over
     return dataset.map(
         group_texts,
         batched=True,
+        batch_size=map_batch_size,
         num_proc=num_proc,
         load_from_cache_file=not overwrite_cache,
         desc=f"Grouping into blocks of {block_size}",
@@ -173,12 +255,16 @@ def load_blocks(
     num_proc=None,
     overwrite_cache=False,
     main_process_first=None,
+    streaming=False,
+    process_index=0,
+    num_processes=1,
+    map_batch_size=1000,
 ):
     """The training (and validation) blocks of the example scripts: [`load_documents`] then [`build_blocks`] per file.
 
     Args:
-        train_file (`str`), validation_file (`str`, *optional*): see [`load_documents`].
-        tokenizer, patch_size, block_size, num_proc, overwrite_cache: see [`build_blocks`].
+        train_file (`str` or `list[str]`), validation_file (`str`, *optional*): see [`load_documents`].
+        tokenizer, patch_size, block_size, num_proc, overwrite_cache, map_batch_size: see [`build_blocks`].
         packing (`str`): packing of the training blocks; `eval_packing` that of the validation blocks (default:
             `packing`).
         sample_by (`str`): how plain-text files are cut into documents.
@@ -186,35 +272,59 @@ def load_blocks(
         main_process_first (*optional*): `TrainingArguments.main_process_first`, so that in distributed runs the main
             process fills the `datasets` cache before the others read it. The checks run after it, on every process,
             so that bad input stops all of them instead of leaving some waiting at its barrier.
+        streaming (`bool`): stream the training blocks (a `datasets.IterableDataset`, tokenised as training reads it;
+            see the module docstring). The validation blocks are always built up front: an evaluation needs them all.
+        process_index (`int`), num_processes (`int`): this process and the number of processes of the run
+            (`TrainingArguments.process_index` / `world_size`). A streamed training set holds this process's part of
+            the documents only.
 
     Returns:
         `(train_dataset, eval_dataset)`, `eval_dataset` being `None` without `validation_file`.
 
     Raises:
-        `ValueError` when a file holds fewer than `block_size` tokens, so that it gives no block at all.
+        `ValueError` when a file holds fewer than `block_size` tokens, so that it gives no block at all (streaming:
+        when a process's part of the documents gives none; the check reads up to its first block).
     """
-    files = {"train": (train_file, packing), "validation": (validation_file, eval_packing or packing)}
+    files = {"train": (train_file, packing, streaming), "validation": (validation_file, eval_packing or packing, False)}
     context = main_process_first(desc="dataset preprocessing") if main_process_first else contextlib.nullcontext()
     with context:
-        blocks = {
-            split: build_blocks(
-                load_documents(path, sample_by),
+        blocks = {}
+        for split, (path, split_packing, split_streaming) in files.items():
+            if not path:
+                continue
+            documents = load_documents(path, sample_by, streaming=split_streaming)
+            if split_streaming and num_processes > 1:
+                documents = split_documents(documents, process_index, num_processes)
+            blocks[split] = build_blocks(
+                documents,
                 tokenizer,
                 patch_size,
                 block_size,
                 num_proc=num_proc,
                 overwrite_cache=overwrite_cache,
                 packing=split_packing,
+                map_batch_size=map_batch_size,
             )
-            for split, (path, split_packing) in files.items()
-            if path
-        }
     for split, dataset in blocks.items():
-        if len(dataset) == 0:
+        if isinstance(dataset, IterableDataset):
+            # Reads up to the first block (at least one map batch); a later iteration starts afresh. Not `take(1)`: a
+            # dataset split by example applies the split after it, so that one process would get nothing. Only the
+            # process without blocks raises: torchrun (and accelerate launch) then stops the others.
+            empty = next(iter(dataset), None) is None
+        else:
+            empty = len(dataset) == 0
+        if empty:
             raise ValueError(
-                f"The {split} data holds fewer than block_size={block_size} tokens: no block to train/evaluate on. "
-                "Use more text or a smaller --block_size."
+                f"The {split} data holds fewer than block_size={block_size} tokens"
+                + (
+                    " on one of the processes (each streams its own part)"
+                    if isinstance(dataset, IterableDataset)
+                    else ""
+                )
+                + ": no block to train/evaluate on. Use more text or a smaller --block_size."
             )
+    if streaming:
+        blocks["train"].process_split = (process_index, num_processes)  # see `split_documents`
     eval_dataset = blocks.get("validation")
     if eval_dataset is not None and max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(max_eval_samples, len(eval_dataset))))

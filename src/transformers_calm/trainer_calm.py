@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 
 from .brierlm import MAX_N, brierlm_from_briers, model_brier_terms
 from .trainer_logging import LossTermsLoggingMixin
+from .trainer_streaming import StreamedTrainingDataMixin
 
 __all__ = ["CalmMetrics", "CalmTrainer", "CalmTrainingArguments", "block_fingerprints"]
 
@@ -121,7 +122,7 @@ class CalmTrainingArguments(TrainingArguments):
             raise ValueError(f"head_learning_rate must be > 0 (or None: learning_rate), got {self.head_learning_rate}.")
 
 
-class CalmTrainer(LossTermsLoggingMixin, Trainer):
+class CalmTrainer(LossTermsLoggingMixin, StreamedTrainingDataMixin, Trainer):
     """`Trainer` for [`CalmForCausalLM`]: trains on the energy loss and evaluates with BrierLM.
 
     Takes the arguments of `transformers.Trainer`. Differences:

@@ -24,6 +24,7 @@ from transformers import Trainer
 from .data import documents_to_ids
 from .trainer_calm import CalmMetrics
 from .trainer_logging import LossTermsLoggingMixin
+from .trainer_streaming import StreamedTrainingDataMixin
 
 __all__ = ["AUTOENCODER_STATISTICS", "CalmAutoencoderMetrics", "CalmAutoencoderTrainer", "evaluate_reconstruction"]
 
@@ -63,7 +64,7 @@ class CalmAutoencoderMetrics(CalmMetrics):
         }
 
 
-class CalmAutoencoderTrainer(LossTermsLoggingMixin, Trainer):
+class CalmAutoencoderTrainer(LossTermsLoggingMixin, StreamedTrainingDataMixin, Trainer):
     """`Trainer` for [`CalmAutoencoder`]: logs the terms of its loss and its reconstruction accuracy.
 
     Takes the arguments of `transformers.Trainer`; `compute_metrics` defaults to [`CalmAutoencoderMetrics`] (pass
