@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
     OfficialTrainingArguments,
     ScriptDataArguments,
+    close_distributed,
     parse_script_args,
     setup_logging,
     train_and_evaluate,
@@ -111,6 +112,7 @@ def main(argv=None):
         data_collator=default_data_collator,
     )
     metrics = train_and_evaluate(trainer)
+    close_distributed(trainer)
     return trainer, metrics
 
 

@@ -114,9 +114,9 @@ def test_streaming_errors(corpus, tmp_path):
 # ------------------------------------------------------------------------------------------------------ resume
 
 
-def make_model(tokenizer, seed=0):
+def make_model(tokenizer, seed=0, vocab_size=None):
     autoencoder = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab_size or len(tokenizer),
         "patch_size": K,
         "latent_size": 6,
         "hidden_size": 16,
@@ -206,6 +206,37 @@ def test_streamed_resume_is_exact(corpus, monkeypatch, stop):
     assert resumed_documents <= math.ceil(remaining_passes + 1) * 2 * DOCUMENTS_PER_SHARD + 2 * MAP_BATCH
 
 
+@pytest.mark.parametrize("resume_step", [4, 5])
+def test_streamed_resume_at_the_end_of_a_pass(tmp_path, resume_step):
+    """A stream of 8 blocks, 1 block per batch and 2 accumulated batches per step: the checkpoint at step 4 is taken
+    at the very end of the first pass (the resumed run starts with an empty rest of that pass, then the next), the one
+    at step 5 inside the second. Both resume to the uninterrupted run's weights, bit for bit."""
+    ids = factories.random_ids(8, BLOCK_SIZE, vocab_size=50, low=4, seed=3).tolist()
+    blocks = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+    def run(model, callbacks=(), resume=None):
+        args = make_args(
+            tmp_path, max_steps=7, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+            save_strategy="steps", save_steps=resume_step,
+        )  # fmt: skip
+        stream = blocks.to_iterable_dataset()
+        trainer = CalmTrainer(model=model, args=args, train_dataset=stream, callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    tokenizer = word_tokenizer(["a b c"])  # ids 0..3 are its special tokens, like the blocks' range
+    full = run(make_model(tokenizer, vocab_size=50))
+    run(make_model(tokenizer, vocab_size=50), callbacks=[StopAt(resume_step)])
+    checkpoint = tmp_path / "out" / f"checkpoint-{resume_step}"
+    record = json.loads((checkpoint / STREAM_STATE_NAME.format(rank=0)).read_text())
+    assert record["state"]["epoch"] == (resume_step - 1) // 4
+    resumed = run(make_model(tokenizer, vocab_size=50, seed=1), resume=str(checkpoint))
+    assert resumed.state.global_step == 7
+    expected, final = weights(full.model), weights(resumed.model)
+    assert not [name for name in expected if not torch.equal(final[name], expected[name])]
+    assert train_logs(resumed) == train_logs(full)
+
+
 def test_streamed_training_errors(corpus):
     tokenizer = corpus["tokenizer"]
     args = make_args(corpus["dir"], dataloader_num_workers=1)
@@ -226,17 +257,20 @@ def test_streamed_training_errors(corpus):
     state_file.unlink()
     with pytest.raises(ValueError, match="has no stream state for process 0"):
         trainer.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
-    # ignore_data_skip: the stream starts again from its beginning, the rest of the state is the checkpoint's.
+    # ignore_data_skip: the stream starts again from its beginning (after steps 3-4 it stands where the first run's
+    # stood after steps 1-2), the rest of the state is the checkpoint's.
     args = make_args(corpus["dir"], max_steps=4, ignore_data_skip=True)
     trainer = CalmTrainer(model=make_model(tokenizer), args=args, train_dataset=streamed_blocks(corpus))
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 4
+    assert trainer._train_stream.state_dict() == record["state"]
 
 
 @pytest.mark.slow  # torchrun, 2 processes, 3 runs
 def test_streamed_resume_on_two_processes_is_exact(corpus):
-    """examples/train_calm.py --streaming on 2 processes (gloo, 4 shards: 2 each): 6 steps straight, and 3 steps then
-    --resume_from_checkpoint to 6, end with the same weights bit for bit; each process saved its own stream state."""
+    """examples/train_calm.py --streaming on 2 processes (gloo, 4 shards: 2 each), 2 accumulated batches per step: 6
+    steps straight, and 3 steps then --resume_from_checkpoint to 6, end with the same weights bit for bit; each
+    process saved its own stream state."""
     root = corpus["dir"]
     tokenizer = corpus["tokenizer"]
     autoencoder = make_model(tokenizer).autoencoder
@@ -261,12 +295,13 @@ def test_streamed_resume_on_two_processes_is_exact(corpus):
             "--block_size", str(BLOCK_SIZE), "--hidden_size", "32", "--intermediate_size", "48",
             "--num_hidden_layers", "2", "--num_attention_heads", "4", "--num_key_value_heads", "2",
             "--num_mlp_layers", "2", "--noise_size", "8", "--num_samples", "4", "--num_targets", "8",
-            "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1", "--logging_steps", "1",
+            "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+            "--per_device_eval_batch_size", "1", "--logging_steps", "1",
             "--report_to", "none", "--use_cpu", "--seed", "0", "--disable_tqdm", "true",
             "--dataloader_num_workers", "0", "--output_dir", str(output_dir), *extra,
         ]  # fmt: skip
         result = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=int(os.environ.get("T_TO", "300"))
+            command, env=env, capture_output=True, text=True, timeout=300
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         records = [json.loads((checksums / f"weights_rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -42,7 +42,7 @@ CALM_ACCUMULATION=$(( 256 / (NUM_GPUS * 4) ))
 LAUNCH=(accelerate launch --config_file "$ROOT/examples/accelerate/ddp.yaml" --num_processes "$NUM_GPUS" ${ACCELERATE_ARGS:-})
 COMMON=(--streaming --dataloader_num_workers 0 --validation_file "$VALIDATION" --bf16 --seed 1
         --learning_rate 3e-4 --lr_scheduler_type constant --adam_beta2 0.95 --weight_decay 0.1 --max_grad_norm 1.0
-        --eval_strategy steps --eval_steps 1000 --save_strategy steps --report_to none)
+        --eval_strategy steps --eval_steps 1000 --save_strategy steps --logging_steps 100 --report_to none)
 
 run() {
     echo "+ $*"
@@ -58,7 +58,7 @@ run "${LAUNCH[@]}" "$ROOT/examples/train_autoencoder.py" "${COMMON[@]}" \
     --tokenizer "$TOKENIZER" --train_file "$PILE/00.jsonl.zst" "$PILE/01.jsonl.zst" \
     --patch_size 4 --latent_size 128 --num_encoder_layers 2 --num_decoder_layers 2 \
     --block_size 2048 --per_device_train_batch_size 8 --gradient_accumulation_steps "$AE_ACCUMULATION" \
-    --max_steps 30000 --save_steps 10000 --per_device_eval_batch_size 8 \
+    --max_steps 30000 --save_steps 10000 --per_device_eval_batch_size 1 \
     --output_dir "$OUTPUT/autoencoder" $(resume_from "$OUTPUT/autoencoder")
 
 run "${LAUNCH[@]}" "$ROOT/examples/train_calm.py" "${COMMON[@]}" \

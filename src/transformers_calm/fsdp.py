@@ -10,7 +10,8 @@ in which units, and what stays whole.
   and output layers).
 
 Two ways to run it: `accelerate launch --config_file examples/accelerate/fsdp.yaml examples/train_calm.py ...` (the
-`Trainer` path; the YAML names the same units and the autoencoder as ignored module, and saves full state dicts), or
+`Trainer` path; the YAML names the same layer classes and the autoencoder as ignored module (accelerate >= 1.11), and
+saves full state dicts; accelerate also makes the input embedding a unit of its own), or
 torchrun with [`shard_model`] in a training loop of your own, then [`save_full_model`]. `accelerate` turns FSDP on
 for GPU (and other accelerator) runs only; on CPU processes it leaves the model to DDP.
 """

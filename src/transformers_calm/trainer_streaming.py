@@ -44,8 +44,8 @@ class _EndlessStream(torch.utils.data.IterableDataset):
     in a collective). A pass is a `datasets` epoch (`set_epoch`), so the stream's state names the pass it is in, and
     a loaded state applies to that pass only."""
 
-    def __init__(self, stream, first_pass=0):
-        self.stream, self.first_pass = stream, first_pass
+    def __init__(self, stream, first_pass=0, resumed=False):
+        self.stream, self.first_pass, self.resumed = stream, first_pass, resumed
 
     def __iter__(self):
         for pass_index in itertools.count(self.first_pass):
@@ -54,7 +54,9 @@ class _EndlessStream(torch.utils.data.IterableDataset):
             for example in self.stream:
                 empty = False
                 yield example
-            if empty:  # nothing at all (or nothing after the loaded state): end, rather than loop forever
+            # A pass resumed at its very end is empty and the next one starts afresh; a whole pass that is empty means
+            # an empty stream: end, rather than loop forever.
+            if empty and not (self.resumed and pass_index == self.first_pass):
                 return
 
 
@@ -118,7 +120,7 @@ class StreamedTrainingDataMixin:
             first_pass = self._stream_resume["epoch"]
         self._train_stream = dataset
         return DataLoader(
-            _EndlessStream(dataset, first_pass),
+            _EndlessStream(dataset, first_pass, resumed=self._stream_resume is not None),
             batch_size=self._train_batch_size,
             collate_fn=self._get_collator_with_removed_columns(self.data_collator, description="training"),
             pin_memory=self.args.dataloader_pin_memory,
@@ -135,7 +137,8 @@ class StreamedTrainingDataMixin:
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         self._stream_resume = self._read_stream_state(resume_from_checkpoint)
-        # The stream is put where it stood instead: Trainer's fast-forward would re-read every batch before it.
+        # The stream is put where it stood instead: Trainer's fast-forward would re-read every batch before it. The
+        # arguments saved in checkpoints keep the user's value (see _save_checkpoint).
         self.args.ignore_data_skip = True
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -162,11 +165,11 @@ class StreamedTrainingDataMixin:
         return record["state"]
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
         if self._train_stream is None:
-            return
-        # The checkpoint folder Trainer just wrote. No batch is read ahead (no workers, no accelerate prefetch), so
-        # the stream's state is that after the last batch trained on.
+            return super()._save_checkpoint(model, trial)
+        # Written into the checkpoint folder before Trainer fills it (and rotates the older ones away), so that a
+        # checkpoint that looks complete always holds its stream state. No batch is read ahead (no workers, no
+        # accelerate prefetch): the stream's state is that after the last batch trained on.
         checkpoint = os.path.join(
             self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
@@ -181,3 +184,13 @@ class StreamedTrainingDataMixin:
         with open(path + ".tmp", "w") as f:  # written whole, then renamed: a checkpoint never holds half a state
             json.dump(record, f)
         os.replace(path + ".tmp", path)
+        # A resumed streamed run turns Trainer's fast-forward off for itself (train()); the arguments its checkpoints
+        # save keep the user's setting.
+        toggled = self._stream_resume is not None
+        if toggled:
+            self.args.ignore_data_skip = False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            if toggled:
+                self.args.ignore_data_skip = True
