@@ -300,9 +300,7 @@ def test_streamed_resume_on_two_processes_is_exact(corpus):
             "--report_to", "none", "--use_cpu", "--seed", "0", "--disable_tqdm", "true",
             "--dataloader_num_workers", "0", "--output_dir", str(output_dir), *extra,
         ]  # fmt: skip
-        result = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=300
-        )
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         records = [json.loads((checksums / f"weights_rank{rank}.json").read_text()) for rank in (0, 1)]
         assert records[0]["sha256"] == records[1]["sha256"]
