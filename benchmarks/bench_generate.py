@@ -26,7 +26,9 @@ points at overhead; above it, at a memory- or launch-bound baseline. Then CALM's
 (prefill and steps), energy head, decoder
 (autoencoder decoder and argmax), sampler (the rest of choosing a chunk: candidate counting, the pick) and the
 generate loop's own work. The split comes from a separate, instrumented run (timers around each part, with a device
-synchronisation on GPU), so that the instrumentation does not slow the timed runs.
+synchronisation on GPU), so that the instrumentation does not slow the timed runs. Last, how often two head samples
+decode to the same chunk (2,000 samples at the prompt's last position): what the exact sampler would cost at T = 1/2
+on this model (`chunk_collision`).
 """
 
 import argparse
@@ -196,6 +198,19 @@ def calm_generate(
         generator=generator,
         **(options or {}),
     )
+
+
+@torch.no_grad()
+def chunk_collision(calm, input_ids, draws: int, generator=None) -> dict:
+    """How often two head samples at the prompt's last position decode to the same chunk: an estimate of
+    sum_x P(x)^2, of which the exact sampler at T = 1/2 needs 2 / sum_x P(x)^2 draws per chunk on average (paper,
+    Theorem 2). From `draws` samples (pairs counted without repetition)."""
+    hidden = calm.model(input_ids=input_ids[:1]).last_hidden_state[:, -1]
+    latents = calm.sample_latents(hidden, num_samples=draws, generator=generator)  # (draws, 1, latent)
+    chunks = calm.autoencoder.decode_token_ids(latents).reshape(draws, -1)
+    _, counts = torch.unique(chunks, dim=0, return_counts=True)
+    collision = float((counts * (counts - 1)).sum()) / (draws * (draws - 1))
+    return {"draws": draws, "distinct_chunks": len(counts), "collision_probability": collision}
 
 
 def timed_runs(function, repeats: int, synchronize) -> tuple[float, torch.Tensor]:
@@ -405,6 +420,19 @@ def main(argv=None) -> None:
     for name in rows:
         if name != "llama":
             print(f"flop ratio {name}: {flops['llama'] / flops[name]:.2f}")
+    # What the exact sampler would cost at T = 1/2 on this model: it is cheap only where chunks collide often.
+    collision = chunk_collision(calm, prompt, 200 if args.quick else 2000, generator)
+    pairs = collision["draws"] * (collision["draws"] - 1) / 2
+    if collision["collision_probability"]:
+        estimate = (
+            f"sum P^2 ~ {collision['collision_probability']:.3g}, so ~{2 / collision['collision_probability']:.3g}"
+        )
+    else:  # no two equal among the pairs: sum P^2 is of the order of 1 / pairs or below
+        estimate = f"no two equal, sum P^2 below ~{1 / pairs:.1g}, so more than ~{2 * pairs:.1g}"
+    print(
+        f"chunk collision: {collision['distinct_chunks']} distinct chunks in {collision['draws']} head samples; "
+        f"{estimate} draws per chunk for the exact sampler at T=1/2 (the batch approximation decodes N)"
+    )
     if args.json:
         report = {
             "settings": {**vars(args), "device": device.type, "dtype": str(dtype), "torch": torch.__version__},
@@ -420,6 +448,7 @@ def main(argv=None) -> None:
                 for (batch_size, name), seconds in results.items()
             ],
             "time_split": [{"batch_size": b, "model": n, **split} for (b, n), split in splits.items()],
+            "chunk_collision": collision,
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

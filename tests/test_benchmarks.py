@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 
@@ -106,6 +107,19 @@ def test_bench_generate_quick_runs_and_reports_ratios():
     assert [name for name, _ in flop_ratios] == ["calm", "calm-approx"], stdout
     # N candidates per step cost more arithmetic than one sample.
     assert float(flop_ratios[0][1]) > float(flop_ratios[1][1]) > 0
+    collision = re.search(r"^chunk collision: (\d+) distinct chunks in 200 head samples; ", stdout, flags=re.MULTILINE)
+    assert collision and 1 <= int(collision.group(1)) <= 200, stdout
+
+
+def test_chunk_collision_counts_equal_chunks(monkeypatch):
+    """The collision estimate is the fraction of equal pairs: 4 draws decoding to chunks a, a, a, b give 3 equal
+    pairs of 6."""
+    bench = load_bench(BENCH_GENERATE)
+    calm = factories.tiny_calm(0)
+    decoded = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8], [1, 2, 3, 4]])
+    monkeypatch.setattr(calm.autoencoder, "decode_token_ids", lambda latents: decoded)
+    report = bench.chunk_collision(calm, factories.random_ids(1, 8), draws=4)
+    assert report == {"draws": 4, "distinct_chunks": 2, "collision_probability": 0.5}
 
 
 @pytest.mark.slow  # the benchmark as a child process, compiling both models
