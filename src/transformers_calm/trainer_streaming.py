@@ -91,7 +91,7 @@ class StreamedTrainingDataMixin:
         super().__init__(*args, **kwargs)
         self._stream_resume = None  # the state to load into the stream at the next get_train_dataloader
         self._train_stream = None  # the stream this process iterates
-        if isinstance(self.train_dataset, IterableDataset):
+        if self._is_streamed():
             self.add_callback(_StreamEpochCallback)
 
     def _is_streamed(self) -> bool:
