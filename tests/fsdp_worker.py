@@ -7,6 +7,7 @@ only (`losses_bf16_rank{rank}.json`).
     torchrun --standalone --nproc_per_node 2 tests/fsdp_worker.py OUTPUT_DIR [bf16]
 """
 
+import gc
 import json
 import os
 import sys
@@ -64,6 +65,12 @@ def main(output_dir, precision="fp32"):
     if precision == "fp32":
         save_full_model(model, os.path.join(output_dir, "model"))
     dist.barrier()
+    # The sharded model and its optimiser hold the process group (through the device mesh): freed at interpreter exit,
+    # they would destroy it there, outside destroy_process_group, which can abort a process (SIGABRT, "terminate
+    # called without an active exception", seen once in CI). Free them first, as examples/scripts.close_distributed
+    # does for the Trainer's DDP wrapper.
+    del model, optimizer
+    gc.collect()
     dist.destroy_process_group()
 
 
