@@ -236,6 +236,7 @@ class RegionTimer:
         self._starts = {}
         self._handles = []
         self._wrapped = []
+        self._depth = defaultdict(int)
 
     def _pre(self, name):
         def hook(*_):
@@ -251,32 +252,42 @@ class RegionTimer:
 
         return hook
 
-    def _wrap(self, name, method_name):
-        original = getattr(self.calm, method_name)
+    def _wrap(self, name, owner, method_name):
+        """Time `owner.method_name` as region `name`; calls nested in another call of the same region (the
+        decoder's `token_states` calling its `chunk_states`) count once."""
+        original = getattr(owner, method_name)
 
         def wrapped(*args, **kwargs):
-            self._pre(name)()
+            self._depth[name] += 1
+            if self._depth[name] == 1:
+                self._pre(name)()
             try:
                 return original(*args, **kwargs)
             finally:
-                self._post(name)()
+                self._depth[name] -= 1
+                if self._depth[name] == 0:
+                    self._post(name)()
 
-        setattr(self.calm, method_name, wrapped)  # an instance attribute shadows the method
-        self._wrapped.append(method_name)
+        setattr(owner, method_name, wrapped)  # an instance attribute shadows the method
+        self._wrapped.append((owner, method_name))
 
     def __enter__(self):
         for name, module in (("backbone", self.calm.model), ("head", self.calm.generative_head)):
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
             self._handles.append(module.register_forward_hook(self._post(name)))
-        self._wrap("decoder", "decode_latents")
-        self._wrap("choose_chunk", "sample_next_chunk")
+        # The decoder's entry points: every candidate's tokens at T = 1 and on accelerators, the per-chunk half, one
+        # token per candidate and the argmax over the vocabulary when the temperature sampler reads tokens lazily.
+        decoder = self.calm.autoencoder.decoder
+        for method_name in ("token_states", "chunk_states", "position_states", "argmax_token_ids"):
+            self._wrap("decoder", decoder, method_name)
+        self._wrap("choose_chunk", self.calm, "sample_next_chunk")
         return self
 
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
-        for method_name in self._wrapped:
-            delattr(self.calm, method_name)
+        for owner, method_name in self._wrapped:
+            delattr(owner, method_name)
 
     def split(self, total: float) -> dict[str, float]:
         """Fractions of `total`: backbone, head, decoder, sampler (choosing a chunk minus head and decoder), other."""

@@ -171,13 +171,13 @@ def test_explicit_generation_config_inherits_model_defaults(monkeypatch):
     model.generation_config.temperature = 0.5
     model.generation_config.num_candidates = 17
     seen = []
-    original = sampling.batch_temperature_sample
+    original = sampling._temperature_pick
 
-    def spy(candidates, temperature, generator=None):
-        seen.append((candidates.shape[0], temperature))
-        return original(candidates, temperature, generator=generator)
+    def spy(counts, temperature, generator=None):
+        seen.append((counts.shape[1], temperature))
+        return original(counts, temperature, generator)
 
-    monkeypatch.setattr(sampling, "batch_temperature_sample", spy)
+    monkeypatch.setattr(sampling, "_temperature_pick", spy)
     model.generate(prompt(3), generation_config=GenerationConfig(max_new_tokens=K))
     assert seen == [(17, 0.5)]
     seen.clear()
@@ -536,7 +536,7 @@ def test_bad_temperature_raises(model, temperature):
 def test_temperature_one_draws_one_sample_per_row(model, monkeypatch):
     """T = 1 (the default) decodes a single head sample per row: no sampler is involved."""
     used = []
-    for name in ("batch_temperature_sample", "exact_temperature_sample", "mode_sample"):
+    for name in ("_temperature_pick", "exact_temperature_sample", "candidate_counts", "prefix_candidate_counts"):
         monkeypatch.setattr(sampling, name, lambda *a, _name=name, **k: used.append(_name))
     sizes = []
     original = model.generative_head.forward
@@ -554,16 +554,16 @@ def test_temperature_one_draws_one_sample_per_row(model, monkeypatch):
 
 def test_batch_approximation_uses_num_candidates(model, monkeypatch):
     seen = []
-    original = sampling.batch_temperature_sample
+    original = sampling._temperature_pick
 
-    def spy(candidates, temperature, generator=None):
-        seen.append((candidates.shape, temperature))
-        return original(candidates, temperature, generator=generator)
+    def spy(counts, temperature, generator=None):
+        seen.append((counts.shape, temperature))
+        return original(counts, temperature, generator)
 
-    monkeypatch.setattr(sampling, "batch_temperature_sample", spy)
+    monkeypatch.setattr(sampling, "_temperature_pick", spy)
     out = model.generate(prompt(4, batch=3), max_new_tokens=2 * K, temperature=0.5, num_candidates=17)
     assert out.shape == (3, 4 + 2 * K)
-    assert seen == [(torch.Size([17, 3, K]), 0.5)] * 2
+    assert seen == [(torch.Size([3, 17]), 0.5)] * 2
 
 
 def test_exact_temperature_switch(model, monkeypatch):
@@ -594,14 +594,14 @@ def test_exact_temperature_switch(model, monkeypatch):
 def test_do_sample_false_is_deterministic_given_the_global_seed(model, monkeypatch):
     ids, mask = left_pad([prompt(4, seed=16)[0], prompt(2, seed=17)[0]])
     used = []
-    original = sampling.mode_sample
-    monkeypatch.setattr(sampling, "mode_sample", lambda c: used.append(c.shape) or original(c))
+    original = model.decode_chosen_candidates
+    monkeypatch.setattr(model, "decode_chosen_candidates", lambda z, f: used.append(z.shape[:2]) or original(z, f))
     torch.manual_seed(123)
     first = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, num_candidates=50)
     torch.manual_seed(123)
     second = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, num_candidates=50)
     assert torch.equal(first, second)
-    assert used == [torch.Size([50, 2, K])] * 4  # two runs of two steps each
+    assert used == [torch.Size([50, 2])] * 4  # two runs of two steps each
 
 
 def test_generator_makes_sampling_reproducible(model):

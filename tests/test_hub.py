@@ -49,7 +49,7 @@ AE_AUTO_MAP = {
 }
 # The model code a repository needs: the configuration and modeling files and the modules modeling_calm.py imports
 # relatively (transitively). No Hub code (hub.py, model_card.py): that is the package's, not the checkpoint's.
-AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py"}
+AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py", "screened_argmax.py"}
 CALM_MODULES = AE_MODULES | {
     "compat.py",
     "configuration_calm.py",

@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.utils import ModelOutput
 
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .screened_argmax import ScreenedArgmax
 
 
 def id_outside_vocabulary(ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> int | None:
@@ -131,7 +132,7 @@ class CalmEncoder(nn.Module):
 class CalmDecoder(nn.Module):
     """Latents `(batch, num_chunks, latent_size)` -> hidden states `(batch, num_chunks * K, hidden_size)`."""
 
-    _FEW_ROWS = 128  # up to this many tokens, `token_ids` computes the scores as W h^T (see there)
+    _FEW_ROWS = 128  # up to this many tokens, the float32 argmax computes the scores as W h^T (see `argmax_token_ids`)
 
     def __init__(self, config: CalmAutoencoderConfig):
         super().__init__()
@@ -141,35 +142,61 @@ class CalmDecoder(nn.Module):
         self.expand_layer = nn.Linear(config.hidden_size, config.patch_size * config.hidden_size)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.num_chunk_layers = config.num_decoder_layers // 2  # the first half runs per chunk, the rest per token
+        self.screened_argmax = ScreenedArgmax()
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.token_states(latents))
 
+    def chunk_states(self, latents: torch.Tensor) -> torch.Tensor:
+        """The per-chunk half of the decoder, shared by the chunk's K tokens: `(..., hidden_size)`."""
+        hidden_states = self.latent_to_hidden(latents)
+        for layer in self.decoder_layers[: self.num_chunk_layers]:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
     def token_states(self, latents: torch.Tensor) -> torch.Tensor:
         """The normalised hidden state of every token, `(batch, num_chunks * K, hidden_size)`: the input of `lm_head`."""
-        hidden_states = self.latent_to_hidden(latents)
-        half = self.config.num_decoder_layers // 2
-        for layer in self.decoder_layers[:half]:  # per chunk
-            hidden_states = layer(hidden_states)
         # Slice k of the expanded vector becomes token k of the chunk.
-        hidden_states = self.expand_layer(hidden_states)
+        hidden_states = self.expand_layer(self.chunk_states(latents))
         hidden_states = hidden_states.unflatten(-1, (self.config.patch_size, self.config.hidden_size)).flatten(-3, -2)
-        for layer in self.decoder_layers[half:]:  # per token
+        for layer in self.decoder_layers[self.num_chunk_layers :]:
             hidden_states = layer(hidden_states)
         return self.norm(hidden_states)
 
-    def token_ids(self, latents: torch.Tensor) -> torch.LongTensor:
-        """`forward(latents).argmax(-1)`. For the few rows of a generation step (K per sequence) the scores are
-        computed as `W h^T`, (vocab, hidden) x (hidden, rows): CPU GEMM kernels run that 3-4x faster than
-        (rows, hidden) x (hidden, vocab) (batch 1, K = 4, 32k x 512: 4.7 ms instead of 16 ms), but slower from a few
-        hundred rows on (the two meet near 128 rows on a 2-core CPU). On GPU the two are the same GEMM."""
-        states = self.token_states(latents)
+    def position_states(self, chunk_states: torch.Tensor, position: int) -> torch.Tensor:
+        """`token_states` of token `position` (0 <= position < K) of each chunk alone, from [`chunk_states`]
+        `(..., hidden_size)`: slice `position` of the expansion, then the per-token layers. The other K - 1 tokens
+        are not computed (the temperature sampler reads a candidate's later tokens only while they can matter)."""
+        size = self.config.hidden_size
+        rows = slice(position * size, (position + 1) * size)
+        bias = None if self.expand_layer.bias is None else self.expand_layer.bias[rows]
+        hidden_states = F.linear(chunk_states, self.expand_layer.weight[rows], bias)
+        for layer in self.decoder_layers[self.num_chunk_layers :]:
+            hidden_states = layer(hidden_states)
+        return self.norm(hidden_states)
+
+    def argmax_token_ids(self, states: torch.Tensor) -> torch.LongTensor:
+        """`lm_head(states).argmax(-1)` of normalised token states `(..., hidden_size)`, without the logits: on a CPU
+        with bfloat16 instructions (float32 weights) through a bfloat16 screen that stays exact
+        ([`~screened_argmax.ScreenedArgmax`]; 3x faster from a few dozen rows on, 2x from 8). Otherwise, for the
+        few rows of a generation step (K per sequence), the scores are computed as `W h^T`, (vocab, hidden) x
+        (hidden, rows): CPU GEMM kernels run that 3-4x faster than (rows, hidden) x (hidden, vocab) (batch 1, K = 4,
+        32k x 512: 4.7 ms instead of 16 ms), but slower from a few hundred rows on (the two meet near 128 rows on a
+        2-core CPU). On GPU the two are the same GEMM."""
         rows = states.flatten(0, -2)
-        if len(rows) <= self._FEW_ROWS:
-            token_ids = (self.lm_head.weight @ rows.T).argmax(0)
+        weight = self.lm_head.weight
+        if self.screened_argmax.applies(rows, weight):
+            token_ids = self.screened_argmax(rows, weight)
+        elif len(rows) <= self._FEW_ROWS:
+            token_ids = (weight @ rows.T).argmax(0)
         else:
             token_ids = self.lm_head(rows).argmax(-1)
         return token_ids.view(states.shape[:-1])
+
+    def token_ids(self, latents: torch.Tensor) -> torch.LongTensor:
+        """`forward(latents).argmax(-1)`, through [`argmax_token_ids`]."""
+        return self.argmax_token_ids(self.token_states(latents))
 
 
 class CalmAutoencoderPreTrainedModel(PreTrainedModel):

@@ -213,6 +213,70 @@ def candidate_counts(candidates: torch.LongTensor) -> torch.LongTensor:
     return torch.empty_like(order).scatter_(1, order, torch.gather(sizes, 1, group))
 
 
+def prefix_candidate_counts(
+    token_at: Callable[[int, torch.LongTensor], torch.LongTensor],
+    num: int,
+    batch_size: int,
+    patch_size: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """[`candidate_counts`] of N candidates per row whose tokens are read lazily.
+
+    A chunk whose first k tokens equal no other candidate's of its row has count 1 whatever its later tokens, so
+    token k is read only for candidates whose first k tokens tie with another's. When the candidates differ early
+    (a spread distribution: most of them by their first token) this reads about N tokens per row instead of N K.
+
+    Args:
+        token_at (`Callable`):
+            `token_at(k, index)` returns token k (0 <= k < K) of the candidates `index`, a `LongTensor` of flat
+            indices `n * batch_size + b` (candidate n of row b), as a `LongTensor` of the same length.
+        num (`int`): N, candidates per row.
+        batch_size (`int`): rows.
+        patch_size (`int`): K, tokens per chunk.
+        device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): where the indices and counts live.
+
+    Returns:
+        `(counts, tokens)`: the counts `(batch, N)`, and the tokens read `(N, batch, K)`, -1 where not read.
+    """
+    counts = torch.ones(num * batch_size, dtype=torch.long, device=device)
+    tokens = torch.full((num * batch_size, patch_size), -1, dtype=torch.long, device=device)
+    tied = torch.arange(num * batch_size, device=device)  # candidates whose prefix so far equals another's
+    group = tied % batch_size  # class of equal prefixes; at first, the row
+    for k in range(patch_size):
+        tokens[tied, k] = token_at(k, tied).to(device)
+        # Candidates fall into the same class when their class so far and token k agree.
+        _, group, sizes = torch.unique(
+            torch.stack([group, tokens[tied, k]], dim=-1), dim=0, return_inverse=True, return_counts=True
+        )
+        size = sizes[group]
+        counts[tied] = size
+        still = size > 1
+        tied, group = tied[still], group[still]
+        if len(tied) == 0:
+            break
+    # Contiguous: torch.multinomial draws differently from a transposed view of the same weights.
+    return counts.view(num, batch_size).T.contiguous(), tokens.view(num, batch_size, patch_size)
+
+
+def _temperature_pick(counts: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.LongTensor:
+    """The batch approximation's choice (see [`batch_temperature_sample`]) among N candidates with `counts`
+    `(batch, N)`: the index of the chosen candidate of each row, `(batch,)`."""
+    counts = counts.double()
+    n, alpha = _split_inverse_temperature(temperature)
+    r = n + alpha
+    # Largest level r - j (j = 0, 1, ...) that some candidate's count reaches (it is > 0, and a level <= 1 admits
+    # every candidate).
+    top = counts.max(-1).values
+    steps_down = torch.clamp(torch.ceil(r - top - 1e-9), min=0)
+    level = (r - steps_down).unsqueeze(-1)  # (batch, 1)
+    eligible = counts >= level - 1e-9
+    # log C(c, level); each of an outcome's c copies carries 1/c of its weight, so outcomes need no deduplication.
+    log_weight = torch.lgamma(counts + 1) - torch.lgamma(level + 1) - torch.lgamma((counts - level).clamp(min=0) + 1)
+    log_weight = torch.where(eligible, log_weight - counts.log(), torch.full_like(log_weight, -math.inf))
+    weights = (log_weight - log_weight.max(-1, keepdim=True).values).exp()
+    return torch.multinomial(weights.float(), 1, **generator_kwargs(generator)).squeeze(-1)
+
+
 def batch_temperature_sample(
     candidates: torch.LongTensor, temperature: float, generator: torch.Generator | None = None
 ) -> torch.LongTensor:
@@ -242,20 +306,7 @@ def batch_temperature_sample(
     temperature = check_temperature(temperature)
     if candidates.dim() != 3 or candidates.shape[0] < 1:
         raise ValueError(f"candidates must have shape (N, batch, K) with N >= 1, got {tuple(candidates.shape)}.")
-    counts = candidate_counts(candidates).double()  # (batch, N)
-    n, alpha = _split_inverse_temperature(temperature)
-    r = n + alpha
-    # Largest level r - j (j = 0, 1, ...) that some candidate's count reaches (it is > 0, and a level <= 1 admits
-    # every candidate).
-    top = counts.max(-1).values
-    steps_down = torch.clamp(torch.ceil(r - top - 1e-9), min=0)
-    level = (r - steps_down).unsqueeze(-1)  # (batch, 1)
-    eligible = counts >= level - 1e-9
-    # log C(c, level); each of an outcome's c copies carries 1/c of its weight, so outcomes need no deduplication.
-    log_weight = torch.lgamma(counts + 1) - torch.lgamma(level + 1) - torch.lgamma((counts - level).clamp(min=0) + 1)
-    log_weight = torch.where(eligible, log_weight - counts.log(), torch.full_like(log_weight, -math.inf))
-    weights = (log_weight - log_weight.max(-1, keepdim=True).values).exp()
-    pick = torch.multinomial(weights.float(), 1, **generator_kwargs(generator)).squeeze(-1)  # (batch,)
+    pick = _temperature_pick(candidate_counts(candidates), temperature, generator)
     return candidates.transpose(0, 1)[torch.arange(candidates.shape[1], device=candidates.device), pick]
 
 
@@ -322,6 +373,56 @@ class CalmSamplingMixin:
             )
         return tokens.reshape(*latents.shape[:-1], self.config.patch_size)
 
+    def decode_chosen_candidates(
+        self,
+        latents: torch.Tensor,
+        choose: Callable[[torch.LongTensor], torch.LongTensor],
+        max_logits: int = 2**26,
+    ) -> torch.LongTensor:
+        """The chunk `(batch, K)` of one of N candidate latents per row `(N, batch, latent_size)`, chosen by how many
+        of the row's candidates decode to the same chunk: `choose(counts)` gets the counts `(batch, N)` (as
+        [`~sampling.candidate_counts`] of the decoded candidates) and returns an index per row `(batch,)`.
+
+        On CPU through [`~sampling.prefix_candidate_counts`]: the per-chunk half of the decoder runs for every
+        candidate, and a token only while the candidate's tokens so far tie with another's; the chosen candidate's
+        remaining tokens are decoded after the choice. This runs eagerly also inside a compiled decoding step (a
+        graph break; a CPU step is bound by its products, not by launches). On accelerators every candidate is decoded
+        in one batched product, inside the compiled graph (no data-dependent shapes, no host sync: CUDA graphs).
+        """
+        if latents.device.type == "cpu":
+            return self._decode_chosen_candidates_lazily(latents, choose, max_logits)
+        chunks = self.decode_latents(latents, max_logits)
+        return chunks[choose(candidate_counts(chunks)), torch.arange(latents.shape[1], device=latents.device)]
+
+    @torch.compiler.disable  # data-dependent shapes; see decode_chosen_candidates
+    def _decode_chosen_candidates_lazily(self, latents, choose, max_logits) -> torch.LongTensor:
+        num, batch_size = latents.shape[:2]
+        rows = torch.arange(batch_size, device=latents.device)
+        decoder = self.autoencoder.decoder
+        chunk_states = decoder.chunk_states(latents.reshape(num * batch_size, latents.shape[-1]))
+        step = max(1, max_logits // self.config.vocab_size)
+
+        def token_at(position: int, index: torch.LongTensor) -> torch.LongTensor:
+            states = chunk_states[index]
+            return torch.cat(
+                [
+                    decoder.argmax_token_ids(decoder.position_states(states[i : i + step], position))
+                    for i in range(0, len(states), step)
+                ]
+            )
+
+        counts, tokens = prefix_candidate_counts(token_at, num, batch_size, self.config.patch_size, latents.device)
+        pick = choose(counts)
+        chunk = tokens[pick, rows]
+        # The chosen candidates' unread tokens, in one argmax over the vocabulary.
+        row, position = (chunk < 0).nonzero(as_tuple=True)
+        if len(row):
+            states = chunk_states[pick[row] * batch_size + row]
+            for k in position.unique().tolist():
+                states[position == k] = decoder.position_states(states[position == k], k)
+            chunk[row, position] = decoder.argmax_token_ids(states)
+        return chunk
+
     def sample_chunks(
         self,
         hidden_states: torch.Tensor,
@@ -361,13 +462,21 @@ class CalmSamplingMixin:
             states = hidden_states if rows is None else hidden_states[rows]
             return self.sample_chunks(states, num_samples=num, generator=generator)
 
-        if not do_sample:
-            return mode_sample(draw(num_candidates))
-        if temperature == 1.0:
+        if do_sample and temperature == 1.0:
             return draw(1)[0]
-        if exact_temperature:
+        if do_sample and exact_temperature:
             return exact_temperature_sample(draw, temperature, generator=generator, max_draws=max_draws).samples
-        return batch_temperature_sample(draw(num_candidates), temperature, generator=generator)
+        # The mode, or the batch approximation: both need only the candidates' counts, then the chosen one's tokens.
+        if do_sample:
+            temperature = check_temperature(temperature)
+        latents = self.sample_latents(hidden_states, num_samples=num_candidates, generator=generator)
+        if do_sample:
+            return self.decode_chosen_candidates(
+                latents, lambda counts: _temperature_pick(counts, temperature, generator)
+            )
+        return self.decode_chosen_candidates(
+            latents, lambda counts: counts.argmax(-1)
+        )  # the first of the most frequent
 
 
 __all__ = [
@@ -378,4 +487,5 @@ __all__ = [
     "check_temperature",
     "exact_temperature_sample",
     "mode_sample",
+    "prefix_candidate_counts",
 ]
