@@ -2,16 +2,38 @@
 (`sampling.prefix_candidate_counts`, `CalmForCausalLM.decode_chosen_candidates`): both must give exactly what the
 plain float32 decoding gives."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from test_generate import seeded, tiny_lm
+from transformers import CompileConfig
 
-from transformers_calm import sampling
-from transformers_calm.screened_argmax import BF16_UNIT_ROUNDOFF, ScreenedArgmax
+from transformers_calm import sampling, screened_argmax
+from transformers_calm.screened_argmax import BF16_UNIT_ROUNDOFF, FP32_UNIT_ROUNDOFF, ScreenedArgmax
+
+
+@pytest.fixture(autouse=True)
+def bf16_everywhere(monkeypatch):
+    """The screen runs on any CPU (only its speed needs bfloat16 instructions): use it in every test here."""
+    monkeypatch.setattr(screened_argmax, "bf16_matmul_is_fast", lambda: True)
 
 
 def dense_argmax(states, weight):
     return (states @ weight.T).argmax(-1)
+
+
+def assert_float32_argmax(token_ids, states, weight):
+    """Each row's token is the float32 product's argmax; where another token's exact score lies within float32
+    rounding of the best (which the float32 product may order either way), any of those."""
+    exact = states.double() @ weight.double().T
+    d = states.shape[-1]
+    rounding = 2 * d * FP32_UNIT_ROUNDOFF * states.double().norm(dim=-1, keepdim=True) * weight.double().norm(dim=-1)
+    possible = exact >= (exact - rounding).max(-1, keepdim=True).values
+    assert possible.gather(1, token_ids[:, None]).all()
+    clear = possible.sum(-1) == 1
+    assert torch.equal(token_ids[clear], dense_argmax(states, weight)[clear])
 
 
 def random_case(rows, vocab, width, seed, norm_spread=0.0):
@@ -30,7 +52,7 @@ def random_case(rows, vocab, width, seed, norm_spread=0.0):
 def test_screen_equals_the_float32_argmax(rows, vocab, width, norm_spread):
     for seed in range(3):
         states, weight = random_case(rows, vocab, width, seed, norm_spread)
-        assert torch.equal(ScreenedArgmax()(states, weight), dense_argmax(states, weight))
+        assert_float32_argmax(ScreenedArgmax()(states, weight), states, weight)
 
 
 def test_error_bound_holds():
@@ -42,8 +64,8 @@ def test_error_bound_holds():
         states_bf16 = states.to(torch.bfloat16)
         scores = (states_bf16 @ weight_bf16.T).float()
         exact = states.double() @ weight.double().T
-        # `_floor` is twice the bound on the unrounded score (plus the float32 rounding); the output rounding adds u |s|.
-        bound = screen._floor(states, states_bf16, max_norm, max_rounding)[:, None] / 2
+        # The bound on the unrounded bf16 score; the rounding to bf16 adds u |s|.
+        bound = screen._errors(states, states_bf16, max_norm, max_rounding)[0][:, None]
         assert ((scores.double() - exact).abs() <= bound + BF16_UNIT_ROUNDOFF * scores.abs().double()).all()
         # ... and it is not vacuous: far smaller than the spread of the scores.
         assert (bound < 0.2 * exact.std(-1, keepdim=True)).all()
@@ -58,10 +80,9 @@ def test_near_ties_that_bfloat16_cannot_separate():
     base = torch.randn(1, width, generator=g)
     weight = base + 1e-3 * torch.randn(vocab, width, generator=g)
     states = base + torch.randn(500, width, generator=g)
-    dense = dense_argmax(states, weight)
-    assert len(dense.unique()) > 10  # the winner really depends on the small differences
+    assert len(dense_argmax(states, weight).unique()) > 10  # the winner really depends on the small differences
     for top_k in (1, 16):
-        assert torch.equal(ScreenedArgmax(top_k=top_k)(states, weight), dense)
+        assert_float32_argmax(ScreenedArgmax(top_k=top_k)(states, weight), states, weight)
 
 
 def test_exact_ties_give_the_smallest_token_id_as_torch_argmax():
@@ -96,20 +117,47 @@ def test_bfloat16_copy_follows_the_weight():
     with torch.no_grad():
         module.weight.copy_(weight)
     assert torch.equal(screen(states, module.weight), dense_argmax(states, weight))
+    # Through .data the version counter stays: a wholesale change shows in the probed entries ...
+    module.weight.data.mul_(-1)
+    assert torch.equal(screen(states, module.weight), dense_argmax(states, module.weight))
+    # ... a change of one row may not; reset() forgets the copy.
+    row = int(dense_argmax(states, module.weight)[0])
+    module.weight.data[row] *= -1
+    screen.reset()
+    assert torch.equal(screen(states, module.weight), dense_argmax(states, module.weight))
+
+
+def test_weights_made_under_inference_mode():
+    with torch.inference_mode():
+        states, weight = random_case(20, 800, 32, seed=8)
+        assert torch.equal(ScreenedArgmax()(states, weight), dense_argmax(states, weight))
+
+
+def test_the_bfloat16_copy_is_not_pickled_or_moved():
+    model = tiny_lm(vocab_size=300)
+    decoder = model.autoencoder.decoder
+    decoder.token_ids(torch.randn(2, 3, model.config.latent_size))
+    assert decoder.screened_argmax._weight_bf16 is not None
+    assert copy.deepcopy(decoder).screened_argmax._weight_bf16 is None
+    assert pickle.loads(pickle.dumps(decoder.screened_argmax))._weight_bf16 is None
+    decoder.to(torch.float64)
+    assert decoder.screened_argmax._weight_bf16 is None
 
 
 def test_where_the_screen_applies():
     screen = ScreenedArgmax()
     states, weight = random_case(4, 100, 16, seed=6)
-    assert screen.applies(states, weight) == sampling_cpu_has_bf16()
+    assert screen.applies(states, weight)
     assert not screen.applies(states.bfloat16(), weight.bfloat16())  # a bf16 model needs no screen
     assert not screen.applies(states, weight[:16])  # a vocabulary no larger than top_k
-
-
-def sampling_cpu_has_bf16() -> bool:
-    from transformers_calm.screened_argmax import bf16_matmul_is_fast
-
-    return bf16_matmul_is_fast()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the float32 scores would not be float32
+        assert not screen.applies(states, weight)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not screen.applies(states, weight)
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def test_decoder_argmax_equals_its_logits_argmax():
@@ -208,3 +256,60 @@ def test_a_row_is_provable_only_when_no_token_within_the_bound_was_left_out():
     assert provable.item() and token.item() == winner
     token, provable = decide(top + 0.3, floor=0.5)  # the best, but a and b within the floor too: 3 tokens, k = 2
     assert not provable.item()
+
+
+def test_the_chosen_candidates_unread_tokens_are_decoded():
+    """A chosen candidate whose first token is unique has its later tokens decoded after the choice (the usual
+    case: real chunks are nearly all distinct)."""
+    model = tiny_lm(vocab_size=300, head_gain=3.0)
+    hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        latents = model.sample_latents(hidden, num_samples=30, generator=seeded(0))
+        chunks = model.decode_latents(latents)
+        counts = sampling.candidate_counts(chunks)
+        pick = counts.argmin(-1)  # a candidate with count 1
+        assert (counts.gather(1, pick[:, None]) == 1).all()
+        assert torch.equal(
+            model.decode_chosen_candidates(latents, lambda c: c.argmin(-1)), chunks[pick, torch.arange(4)]
+        )
+
+
+@pytest.mark.parametrize(("temperature", "do_sample"), [(0.5, True), (1 / 3, True), (0.7, True), (1.0, False)])
+def test_sample_next_chunk_equals_the_algorithms_on_every_decoded_candidate(temperature, do_sample):
+    """sample_next_chunk (lazy reading) == the paper's algorithms applied to all N decoded candidates, with the same
+    generator: the same draws, the same choice."""
+    model = tiny_lm(vocab_size=60, head_gain=0.5)
+    hidden = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    for seed in range(4):
+        with torch.no_grad():
+            got = model.sample_next_chunk(
+                hidden, temperature=temperature, do_sample=do_sample, num_candidates=50, generator=seeded(seed)
+            )
+            generator = seeded(seed)
+            candidates = model.sample_chunks(hidden, num_samples=50, generator=generator)
+            if do_sample:
+                expected = sampling.batch_temperature_sample(candidates, temperature, generator=generator)
+            else:
+                expected = sampling.mode_sample(candidates)
+        assert torch.equal(got, expected)
+
+
+def test_no_candidates_raises():
+    model = tiny_lm(vocab_size=60)
+    with pytest.raises(ValueError, match="N >= 1"):
+        model.decode_chosen_candidates(torch.zeros(0, 2, model.config.latent_size), lambda c: c.argmax(-1))
+
+
+@pytest.mark.slow  # compiles (the eager backend: seconds)
+def test_a_whole_graph_step_decodes_every_candidate_in_the_graph():
+    """With fullgraph=True the compiled step may not leave its graph: on CPU the T < 1 sampler then decodes every
+    candidate inside it instead of reading tokens lazily (which breaks the graph)."""
+    model = tiny_lm(vocab_size=60)
+    config = CompileConfig(fullgraph=True, backend="eager")
+    config._compile_all_devices = True
+    torch.manual_seed(0)
+    ids = torch.randint(1, 60, (2, 6))
+    out = model.generate(
+        ids, max_new_tokens=12, temperature=0.5, num_candidates=8, cache_implementation="static", compile_config=config
+    )
+    assert out.shape == (2, 18)

@@ -148,6 +148,11 @@ class CalmDecoder(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.token_states(latents))
 
+    def _apply(self, *args, **kwargs):
+        # `to`, `cuda`, `half`, ...: the screen's bfloat16 copy of lm_head belongs to the old weight.
+        self.screened_argmax.reset()
+        return super()._apply(*args, **kwargs)
+
     def chunk_states(self, latents: torch.Tensor) -> torch.Tensor:
         """The per-chunk half of the decoder, shared by the chunk's K tokens: `(..., hidden_size)`."""
         hidden_states = self.latent_to_hidden(latents)
@@ -185,6 +190,8 @@ class CalmDecoder(nn.Module):
         32k x 512: 4.7 ms instead of 16 ms), but slower from a few hundred rows on (the two meet near 128 rows on a
         2-core CPU). On GPU the two are the same GEMM."""
         rows = states.flatten(0, -2)
+        if type(self.lm_head) is not nn.Linear:  # wrapped (e.g. an adapter): only its own forward knows its scores
+            return self.lm_head(rows).argmax(-1).view(states.shape[:-1])
         weight = self.lm_head.weight
         if self.screened_argmax.applies(rows, weight):
             token_ids = self.screened_argmax(rows, weight)

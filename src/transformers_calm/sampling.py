@@ -254,14 +254,13 @@ def prefix_candidate_counts(
         tied, group = tied[still], group[still]
         if len(tied) == 0:
             break
-    # Contiguous: torch.multinomial draws differently from a transposed view of the same weights.
-    return counts.view(num, batch_size).T.contiguous(), tokens.view(num, batch_size, patch_size)
+    return counts.view(num, batch_size).T, tokens.view(num, batch_size, patch_size)
 
 
 def _temperature_pick(counts: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.LongTensor:
     """The batch approximation's choice (see [`batch_temperature_sample`]) among N candidates with `counts`
     `(batch, N)`: the index of the chosen candidate of each row, `(batch,)`."""
-    counts = counts.double()
+    counts = counts.double().contiguous()  # torch.multinomial draws differently from a transposed view
     n, alpha = _split_inverse_temperature(temperature)
     r = n + alpha
     # Largest level r - j (j = 0, 1, ...) that some candidate's count reaches (it is > 0, and a level <= 1 admits
@@ -389,7 +388,13 @@ class CalmSamplingMixin:
         graph break; a CPU step is bound by its products, not by launches). On accelerators every candidate is decoded
         in one batched product, inside the compiled graph (no data-dependent shapes, no host sync: CUDA graphs).
         """
-        if latents.device.type == "cpu":
+        if latents.dim() != 3 or latents.shape[0] < 1:
+            raise ValueError(
+                f"latents must have shape (N, batch, latent_size) with N >= 1, got {tuple(latents.shape)}."
+            )
+        # A step compiled with fullgraph=True cannot leave its graph: there, every candidate is decoded.
+        whole_graph = torch.compiler.is_compiling() and getattr(self, "_calm_compiling_whole_graph", False)
+        if latents.device.type == "cpu" and not whole_graph:
             return self._decode_chosen_candidates_lazily(latents, choose, max_logits)
         chunks = self.decode_latents(latents, max_logits)
         return chunks[choose(candidate_counts(chunks)), torch.arange(latents.shape[1], device=latents.device)]
@@ -420,7 +425,9 @@ class CalmSamplingMixin:
             states = chunk_states[pick[row] * batch_size + row]
             for k in position.unique().tolist():
                 states[position == k] = decoder.position_states(states[position == k], k)
-            chunk[row, position] = decoder.argmax_token_ids(states)
+            chunk[row, position] = torch.cat(
+                [decoder.argmax_token_ids(states[i : i + step]) for i in range(0, len(states), step)]
+            )
         return chunk
 
     def sample_chunks(
@@ -453,9 +460,9 @@ class CalmSamplingMixin:
         - `do_sample=False`: the most frequent of `num_candidates` head samples (the T -> 0 limit of the batch
           approximation; deterministic for a given generator state).
         - `temperature=1`: one head sample per row, decoded by the autoencoder.
-        - `temperature < 1`: the paper's batch approximation from `num_candidates` samples
-          ([`~sampling.batch_temperature_sample`]), or with `exact_temperature=True` its exact rejection sampler
-          ([`~sampling.exact_temperature_sample`]).
+        - `temperature < 1`: the paper's batch approximation from `num_candidates` samples (the rule of
+          [`~sampling.batch_temperature_sample`], through [`decode_chosen_candidates`]), or with
+          `exact_temperature=True` its exact rejection sampler ([`~sampling.exact_temperature_sample`]).
         """
 
         def draw(num: int, rows: torch.Tensor | None = None) -> torch.LongTensor:
