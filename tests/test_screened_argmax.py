@@ -127,6 +127,13 @@ def test_bfloat16_copy_follows_the_weight():
     assert torch.equal(screen(states, module.weight), dense_argmax(states, module.weight))
 
 
+def test_probe_of_a_weight_past_float32_integers():
+    """A 128k x 512 vocabulary has more than 2^24 entries, where float32 no longer counts every integer."""
+    weight = torch.randn(8193, 2049)  # 16,787,457 > 2^24 = 16,777,216
+    weight_bf16, _, _ = ScreenedArgmax()._prepared(weight)
+    assert weight_bf16.shape == weight.shape
+
+
 def test_weights_made_under_inference_mode():
     with torch.inference_mode():
         states, weight = random_case(20, 800, 32, seed=8)

@@ -95,7 +95,8 @@ class ScreenedArgmax:
         version = None if weight.is_inference() else weight._version
         key = (weight.data_ptr(), version, tuple(weight.shape), weight.device)
         flat = weight.reshape(-1)
-        probe = flat[torch.linspace(0, flat.numel() - 1, self._PROBES).long()]
+        # Integer positions: a float32 linspace rounds indices past 2^24 (a 128k x 512 weight) out of range.
+        probe = flat[torch.arange(self._PROBES, device=flat.device) * (flat.numel() - 1) // (self._PROBES - 1)]
         if key != self._key or not torch.equal(probe, self._probe):
             self._weight_bf16 = weight.to(torch.bfloat16)
             self._max_norm = weight.norm(dim=-1).max()
