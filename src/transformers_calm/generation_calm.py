@@ -320,8 +320,7 @@ class CalmGenerationMixin(GenerationMixin):
         them), so a compiled step draws exactly what the eager one does; without a generator the draws are traced
         and come from the compiled graph's own random stream."""
         compile_config = compile_config or self._default_compile_config()
-        # Read by decode_chosen_candidates: with fullgraph=True the step may not break its graph.
-        self._calm_compiling_whole_graph = bool(compile_config.fullgraph)
+        # decode_chosen_candidates reads `_calm_compile_config.fullgraph`: such a step may not break its graph.
         if getattr(self, "_calm_compile_config", None) != compile_config:
             self._calm_compile_config = compile_config
             self._calm_compiled_step = torch.compile(self._decode_step, **compile_config.to_dict())

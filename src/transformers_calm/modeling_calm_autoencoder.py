@@ -165,9 +165,7 @@ class CalmDecoder(nn.Module):
         # Slice k of the expanded vector becomes token k of the chunk.
         hidden_states = self.expand_layer(self.chunk_states(latents))
         hidden_states = hidden_states.unflatten(-1, (self.config.patch_size, self.config.hidden_size)).flatten(-3, -2)
-        for layer in self.decoder_layers[self.num_chunk_layers :]:
-            hidden_states = layer(hidden_states)
-        return self.norm(hidden_states)
+        return self._per_token(hidden_states)
 
     def position_states(self, chunk_states: torch.Tensor, position: int) -> torch.Tensor:
         """`token_states` of token `position` (0 <= position < K) of each chunk alone, from [`chunk_states`]
@@ -176,7 +174,10 @@ class CalmDecoder(nn.Module):
         size = self.config.hidden_size
         rows = slice(position * size, (position + 1) * size)
         bias = None if self.expand_layer.bias is None else self.expand_layer.bias[rows]
-        hidden_states = F.linear(chunk_states, self.expand_layer.weight[rows], bias)
+        return self._per_token(F.linear(chunk_states, self.expand_layer.weight[rows], bias))
+
+    def _per_token(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The per-token half of the decoder and the final norm, on expanded token states."""
         for layer in self.decoder_layers[self.num_chunk_layers :]:
             hidden_states = layer(hidden_states)
         return self.norm(hidden_states)

@@ -317,6 +317,14 @@ def mode_sample(candidates: torch.LongTensor) -> torch.LongTensor:
     return candidates.transpose(0, 1)[torch.arange(candidates.shape[1], device=candidates.device), pick]
 
 
+def _in_slices(function: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, step: int) -> torch.Tensor:
+    """`function(rows)`, run on at most `step` rows at a time (the decoder's logits must not all materialise at once)
+    and concatenated; one call, without a copy, when they fit."""
+    if len(rows) <= step:
+        return function(rows)
+    return torch.cat([function(rows[i : i + step]) for i in range(0, len(rows), step)])
+
+
 class CalmSamplingMixin:
     """The public way to draw from a [`CalmForCausalLM`], used by `generate`, `CalmTrainer` and BrierLM alike: head
     samples of the next chunk's latent vector for backbone states, their tokens, and the temperature sampler of one
@@ -364,12 +372,7 @@ class CalmSamplingMixin:
         """
         flat = latents.reshape(-1, 1, latents.shape[-1])
         step = max(1, max_logits // (self.config.patch_size * self.config.vocab_size))
-        if len(flat) <= step:  # the usual case: one decoder call, no copy
-            tokens = self.autoencoder.decode_token_ids(flat)
-        else:
-            tokens = torch.cat(
-                [self.autoencoder.decode_token_ids(flat[i : i + step]) for i in range(0, len(flat), step)]
-            )
+        tokens = _in_slices(self.autoencoder.decode_token_ids, flat, step)
         return tokens.reshape(*latents.shape[:-1], self.config.patch_size)
 
     def decode_chosen_candidates(
@@ -393,7 +396,8 @@ class CalmSamplingMixin:
                 f"latents must have shape (N, batch, latent_size) with N >= 1, got {tuple(latents.shape)}."
             )
         # A step compiled with fullgraph=True cannot leave its graph: there, every candidate is decoded.
-        whole_graph = torch.compiler.is_compiling() and getattr(self, "_calm_compiling_whole_graph", False)
+        compile_config = getattr(self, "_calm_compile_config", None)  # the compiled step's (generation_calm)
+        whole_graph = torch.compiler.is_compiling() and compile_config is not None and compile_config.fullgraph
         if latents.device.type == "cpu" and not whole_graph:
             return self._decode_chosen_candidates_lazily(latents, choose, max_logits)
         chunks = self.decode_latents(latents, max_logits)
@@ -408,12 +412,10 @@ class CalmSamplingMixin:
         step = max(1, max_logits // self.config.vocab_size)
 
         def token_at(position: int, index: torch.LongTensor) -> torch.LongTensor:
-            states = chunk_states[index]
-            return torch.cat(
-                [
-                    decoder.argmax_token_ids(decoder.position_states(states[i : i + step], position))
-                    for i in range(0, len(states), step)
-                ]
+            return _in_slices(
+                lambda states: decoder.argmax_token_ids(decoder.position_states(states, position)),
+                chunk_states[index],
+                step,
             )
 
         counts, tokens = prefix_candidate_counts(token_at, num, batch_size, self.config.patch_size, latents.device)
@@ -424,10 +426,9 @@ class CalmSamplingMixin:
         if len(row):
             states = chunk_states[pick[row] * batch_size + row]
             for k in position.unique().tolist():
-                states[position == k] = decoder.position_states(states[position == k], k)
-            chunk[row, position] = torch.cat(
-                [decoder.argmax_token_ids(states[i : i + step]) for i in range(0, len(states), step)]
-            )
+                at_k = position == k
+                states[at_k] = decoder.position_states(states[at_k], k)
+            chunk[row, position] = _in_slices(decoder.argmax_token_ids, states, step)
         return chunk
 
     def sample_chunks(
@@ -476,14 +477,12 @@ class CalmSamplingMixin:
         # The mode, or the batch approximation: both need only the candidates' counts, then the chosen one's tokens.
         if do_sample:
             temperature = check_temperature(temperature)
+
+        def choose(counts: torch.LongTensor) -> torch.LongTensor:  # do_sample=False: the first of the most frequent
+            return _temperature_pick(counts, temperature, generator) if do_sample else counts.argmax(-1)
+
         latents = self.sample_latents(hidden_states, num_samples=num_candidates, generator=generator)
-        if do_sample:
-            return self.decode_chosen_candidates(
-                latents, lambda counts: _temperature_pick(counts, temperature, generator)
-            )
-        return self.decode_chosen_candidates(
-            latents, lambda counts: counts.argmax(-1)
-        )  # the first of the most frequent
+        return self.decode_chosen_candidates(latents, choose)
 
 
 __all__ = [
