@@ -35,6 +35,7 @@ optimal chunk-aligned BrierLM, with the ratio to the Llama's.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalLM
 from transformers_calm.brierlm import chunk_aligned, model_brier_terms
 from transformers_calm.brierlm.estimator import brier_terms, brierlm_from_briers
+from transformers_calm.pretrained_decoder import init_compression_from_last_token
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS.parent
@@ -58,7 +60,9 @@ from bench_generate import count_flops  # noqa: E402
 MAX_N = 4
 # Defaults by corpus (every one can be given on the command line). Synthetic: the small-scale recipe the sweep found
 # (benchmarks/sweep_recipe.py; the official values are latent 128, one learning rate, cosine or constant 3e-4).
-# WikiText: the demo's sizes, budget and recipe (examples/demo.py), so that the comparison is the demo's.
+# WikiText: the demo's sizes, budget and recipe (examples/demo.py), so that the comparison is the demo's: the
+# small-scale recipe's latent size, head learning rate and schedule (RECIPE; the paper's: --latent_size 128
+# --head_lr_scale 1 --lr_scheduler_type cosine, and the energy head).
 CORPUS_DEFAULTS = {
     "synthetic": {
         "vocab_size": 512,
@@ -85,19 +89,52 @@ CORPUS_DEFAULTS = {
         "intermediate_size": 704,
         "num_layers": 4,
         "num_heads": 4,
-        "latent_size": 128,
+        "latent_size": 32,
         "ae_steps": 400,
         "ae_learning_rate": 6e-3,
+        "ae_lr_scheduler_type": "cosine",
         "token_dropout": 0.05,
         "latent_dropout": 0.05,
         "max_steps": 250,
         "learning_rate": 2e-3,
-        "head_lr_scale": 1.0,
-        "lr_scheduler_type": "cosine",
+        "head_lr_scale": 5.0,
+        "lr_scheduler_type": "constant_with_warmup",
         "eval_every": 50,
     },
 }
+# What an autoencoder's training depends on besides the corpus (--ae_cache_dir keys on them).
+AE_SETTINGS = (
+    "corpus",
+    "seed",
+    "vocab_size",
+    "patch_size",
+    "block_size",
+    "batch_size",
+    "epochs",
+    "latent_size",
+    "ae_hidden_size",
+    "ae_intermediate_size",
+    "ae_steps",
+    "ae_batch_size",
+    "ae_learning_rate",
+    "kl_weight",
+    "kl_clamp",
+    "token_dropout",
+    "latent_dropout",
+    "warmup_ratio",
+)
 PAD, BOS, EOS = 0, 1, 2  # the synthetic corpus's special tokens (real chunks use ids 3..vocab_size-1)
+AUXILIARY_TERMS = ("decoder_loss", "token_loss")  # CALM's auxiliary losses, logged beside the loss when on
+FROM_LLAMA = "-from-llama"
+# `calm-recipe`: the best small-scale CALM found on WikiText (docs/small-scale.md); its settings
+# replace the command line's. The configs' defaults stay official: every entry here is a bench_quality.py option.
+RECIPE = {
+    "head_type": "flow",
+    "latent_size": 32,
+    "head_lr_scale": 5.0,
+    "lr_scheduler_type": "constant_with_warmup",
+    "ae_lr_scheduler_type": "cosine",
+}
 
 
 # --------------------------------------------------------------------------------------- the synthetic language
@@ -298,21 +335,80 @@ def build_autoencoder(args, corpus) -> CalmAutoencoder:
     return CalmAutoencoder(config)
 
 
-def build_calm(args, corpus, autoencoder, head_type: str) -> CalmForCausalLM:
+def build_calm(args, corpus, autoencoder, head_type: str, pretrained_decoder=None) -> CalmForCausalLM:
     torch.manual_seed(args.seed)
     head = {
         "head_type": head_type,
         "num_mlp_layers": args.num_mlp_layers,
+        "num_samples": args.num_samples,  # energy: N head samples; flow / diffusion: posterior targets per position
         "target_noise_scale": args.target_noise_scale,
+        # The small-scale remedies (CalmConfig fields, off by default): see docs/small-scale.md.
+        "decoder_loss_weight": args.decoder_loss_weight,
+        "decoder_loss_type": args.decoder_loss_type,
+        "decoder_loss_samples": args.decoder_loss_samples,
+        "input_noise_std": args.input_noise_std,
+        "token_loss_weight": args.token_loss_weight,
     }
+    if head_type != "energy":
+        head.update(guidance_dropout=args.guidance_dropout, guidance_scale=args.guidance_scale)
     if head_type == "energy":
-        head.update(num_samples=args.num_samples, noise_size=args.noise_size, energy_alpha=args.energy_alpha)
-    model = CalmForCausalLM.from_autoencoder(
-        autoencoder, backbone_config=backbone_config(args, corpus, args.block_size // args.patch_size), **head
-    )
+        head.update(noise_size=args.noise_size, energy_alpha=args.energy_alpha)
+    if pretrained_decoder is not None:
+        model = CalmForCausalLM.from_pretrained_decoder(
+            pretrained_decoder, autoencoder, init_input_compression=args.last_token_compression, **head
+        )
+    else:
+        model = CalmForCausalLM.from_autoencoder(
+            autoencoder, backbone_config=backbone_config(args, corpus, args.block_size // args.patch_size), **head
+        )
+        if args.last_token_compression:
+            embeddings = model.get_input_embeddings().weight.detach()
+            init_compression_from_last_token(model.model.embed_proj, embeddings, model.config.patch_size)
     if head_type == "energy" and args.random_output_layer:
         torch.nn.init.normal_(model.generative_head.final_layer.linears[-1].weight, std=0.02)
     return model
+
+
+def args_of_model(name: str, args) -> argparse.Namespace:
+    """The settings of model `name`: `llama`, `calm-{energy,flow,diffusion}` (the command line's settings),
+    `calm-recipe` (the small-scale recipe, `RECIPE`, over them), each CALM optionally suffixed `-from-llama` (its
+    backbone starts from a Llama trained for `--from_llama_steps` steps, `CalmForCausalLM.from_pretrained_decoder`)."""
+    model_args = argparse.Namespace(**vars(args))
+    if name == "llama":
+        return model_args
+    base = name[: -len(FROM_LLAMA)] if name.endswith(FROM_LLAMA) else name
+    if base == "calm-recipe":
+        for key, value in RECIPE.items():
+            setattr(model_args, key, value)
+        return model_args
+    head_type = base[len("calm-") :] if base.startswith("calm-") else None
+    if head_type not in ("energy", "flow", "diffusion"):
+        raise ValueError(
+            f"Unknown model {name!r}: llama, calm-recipe or calm-{{energy,flow,diffusion}}, a CALM optionally with "
+            f"{FROM_LLAMA!r}."
+        )
+    model_args.head_type = head_type
+    return model_args
+
+
+def pretrained_llama(args, corpus, eval_steps) -> tuple[LlamaForCausalLM, dict]:
+    """A Llama of the benchmark's backbone trained for `--from_llama_steps` steps (with the Llama's learning rate and
+    schedule, evaluated at its last step): the decoder a `-from-llama` CALM starts from."""
+    if not args.from_llama_steps:
+        raise ValueError("A -from-llama model needs --from_llama_steps (the Llama's training steps before CALM's).")
+    llama = build_llama(args, corpus)
+    print(f"\nllama-pretrained: {args.from_llama_steps} steps")
+    run = train(
+        llama,
+        corpus["train"],
+        args,
+        args.from_llama_steps,
+        args.llama_learning_rate or args.learning_rate,
+        args.llama_lr_scheduler_type or args.lr_scheduler_type,
+        evaluate=lambda m: evaluate_brier(m, corpus["heldout"], args, False),
+        eval_steps={args.from_llama_steps},
+    )
+    return llama, run
 
 
 def build_llama(args, corpus) -> LlamaForCausalLM:
@@ -324,7 +420,15 @@ def build_llama(args, corpus) -> LlamaForCausalLM:
 
 
 def train(
-    model, blocks, args, max_steps: int, learning_rate: float, lr_scheduler_type: str, evaluate=None, eval_steps=()
+    model,
+    blocks,
+    args,
+    max_steps: int,
+    learning_rate: float,
+    lr_scheduler_type: str,
+    evaluate=None,
+    eval_steps=(),
+    batch_size: int | None = None,
 ) -> dict:
     """AdamW on `blocks`, `batch_size` blocks per step in a fixed order (the same for every model), `labels =
     input_ids`; `evaluate(model)` at `eval_steps`. Returns FLOPs per step, the curve and the training seconds."""
@@ -353,20 +457,47 @@ def train(
         ]
     )
 
+    size = batch_size or args.batch_size
+
     def batch(step):
-        return blocks[order[(step * args.batch_size + torch.arange(args.batch_size)) % len(order)]]
+        return blocks[order[(step * size + torch.arange(size)) % len(order)]]
 
     def loss_of(input_ids):
-        return model(input_ids=input_ids, labels=input_ids).loss
+        return model(input_ids=input_ids, labels=input_ids)
+
+    config = getattr(model, "config", None)
+    full_weight = getattr(config, "decoder_loss_weight", 0.0)
+
+    def decoder_weight(step):
+        """The decoder loss's weight at `step` (1-based): 0 before --decoder_loss_start, then a linear warm-up."""
+        start = int(args.decoder_loss_start * max_steps)
+        if step <= start:
+            return 0.0
+        ramp = args.decoder_loss_warmup * max_steps
+        return full_weight * (min(1.0, (step - start) / ramp) if ramp > 0 else 1.0)
 
     model.train()
-    # The arithmetic of one step: forward + backward of a batch, counted (AdamW is element-wise and not counted).
-    flops_per_step = count_flops(lambda: loss_of(batch(0)).backward())
+    # The arithmetic of one step: forward + backward of a batch, counted (AdamW is element-wise and not counted); with
+    # the decoder loss off (steps before its start) it costs less, counted on its own.
+    flops_per_step = count_flops(lambda: loss_of(batch(0)).loss.backward())
+    flops_without_decoder_loss = flops_per_step
+    if full_weight > 0:
+        # On a forked random state: a run with the decoder loss then draws the same numbers as the run without it
+        # until the loss starts (--decoder_loss_start), so that the two differ by the loss alone.
+        config.decoder_loss_weight = 0.0
+        with torch.random.fork_rng():
+            flops_without_decoder_loss = count_flops(lambda: loss_of(batch(0)).loss.backward())
+        config.decoder_loss_weight = full_weight
     model.zero_grad(set_to_none=True)
-    curve, seconds, losses = [], 0.0, []
+    curve, seconds, losses, flops = [], 0.0, [], 0
+    term_values = {name: [] for name in AUXILIARY_TERMS}
     for step in range(1, max_steps + 1):
         start = time.perf_counter()
-        loss = loss_of(batch(step - 1))
+        if full_weight > 0:
+            config.decoder_loss_weight = decoder_weight(step)
+        flops += flops_per_step if getattr(config, "decoder_loss_weight", 0.0) > 0 else flops_without_decoder_loss
+        outputs = loss_of(batch(step - 1))
+        loss = outputs.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -374,13 +505,22 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - start
         losses.append(loss.item())
+        for name, values in term_values.items():
+            if getattr(outputs, name, None) is not None:
+                values.append(getattr(outputs, name).item())
         if evaluate is not None and step in eval_steps:
-            point = {"step": step, "train_flops": step * flops_per_step, "train_seconds": seconds}
+            point = {"step": step, "train_flops": flops, "train_seconds": seconds}
             point["train_loss"] = sum(losses[-10:]) / len(losses[-10:])
+            for name, values in term_values.items():
+                if values:
+                    point[f"train_{name}"] = sum(values[-10:]) / len(values[-10:])
             point.update(evaluate(model))
             model.train()
             curve.append(point)
-            print(f"  step {step:5d}  loss {point['train_loss']:.4f}  " + summarize(point), flush=True)
+            extra = "".join(f"  {n} {point[f'train_{n}']:.3f}" for n in AUXILIARY_TERMS if f"train_{n}" in point)
+            print(f"  step {step:5d}  loss {point['train_loss']:.4f}{extra}  " + summarize(point), flush=True)
+    if full_weight > 0:
+        config.decoder_loss_weight = full_weight
     model.eval()
     return {"flops_per_step": flops_per_step, "curve": curve, "train_seconds": seconds, "final_loss": losses[-1]}
 
@@ -402,6 +542,20 @@ def summarize(point: dict) -> str:
     return "  ".join(parts)
 
 
+def evaluate_with_guidance(model, heldout, args, is_calm: bool) -> dict:
+    """`evaluate_brier`, and for a CALM trained with --guidance_dropout also at every --eval_guidance_scales w
+    (keys prefixed `cfg{w}_`); the plain keys are at --guidance_scale."""
+    point = evaluate_brier(model, heldout, args, is_calm)
+    if not is_calm or not getattr(model.config, "guidance_dropout", 0):
+        return point
+    scale = model.config.guidance_scale
+    for w in args.eval_guidance_scales or ():
+        model.config.guidance_scale = w
+        point.update({f"cfg{w:g}_{k}": v for k, v in evaluate_brier(model, heldout, args, True).items()})
+    model.config.guidance_scale = scale
+    return point
+
+
 @torch.no_grad()
 def evaluate_brier(model, heldout, args, is_calm: bool) -> dict:
     """Held-out Brier-1..4 and BrierLM: CALM chunk-aligned; the Llama at every token and chunk-aligned (the same
@@ -410,6 +564,8 @@ def evaluate_brier(model, heldout, args, is_calm: bool) -> dict:
     sums = {"chunk": torch.zeros(MAX_N, dtype=torch.float64), "token": torch.zeros(MAX_N, dtype=torch.float64)}
     exact = {"chunk": torch.zeros((), dtype=torch.float64), "token": torch.zeros((), dtype=torch.float64)}
     counts = {"chunk": 0, "token": 0}
+    # Brier-1's two parts: how often a sample is the reference's first token, and how often the two samples agree.
+    parts = {"chunk": torch.zeros(2, dtype=torch.float64), "token": torch.zeros(2, dtype=torch.float64)}
     for start in range(0, len(heldout), args.eval_batch_size):
         batch = heldout[start : start + args.eval_batch_size]
         indices = range(start, start + len(batch))
@@ -423,6 +579,10 @@ def evaluate_brier(model, heldout, args, is_calm: bool) -> dict:
             counts[scoring] += terms.terms.shape[0] * terms.terms.shape[1]
             if terms.exact_terms is not None:
                 exact[scoring] += terms.exact_terms[..., 0].double().sum().cpu()
+            if terms.samples_1 is not None:
+                first = (terms.samples_1[..., 0], terms.samples_2[..., 0], terms.references[..., 0])
+                hits = ((first[0] == first[2]).double() + (first[1] == first[2]).double()).sum() / 2
+                parts[scoring] += torch.stack([hits, (first[0] == first[1]).double().sum()]).cpu()
     point = {}
     for scoring in sums:
         if counts[scoring] == 0:
@@ -432,7 +592,52 @@ def evaluate_brier(model, heldout, args, is_calm: bool) -> dict:
         point[f"{scoring}_brierlm"] = brierlm_from_briers_quietly(briers)
         if not is_calm:
             point[f"{scoring}_exact_brier1"] = float(exact[scoring]) / counts[scoring]
+        if parts[scoring].any():  # Brier-1 = 2 accuracy - collision
+            accuracy, collision = (parts[scoring] / counts[scoring]).tolist()
+            point[f"{scoring}_accuracy1"], point[f"{scoring}_collision1"] = accuracy, collision
     return point
+
+
+@torch.no_grad()
+def chunk_states(model, blocks, args, is_calm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states where the next chunk's first token is predicted, and that token: CALM's backbone at chunk
+    positions 0..L-2, the Llama's at the last token of each of those chunks. `(rows, hidden)`, `(rows,)`."""
+    model.eval()
+    states, targets = [], []
+    K = args.patch_size
+    for start in range(0, len(blocks), args.eval_batch_size):
+        batch = blocks[start : start + args.eval_batch_size]
+        if is_calm:
+            hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+        else:
+            hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state[:, K - 1 : -1 : K]
+        states.append(hidden.reshape(-1, hidden.shape[-1]))
+        targets.append(batch[:, K::K].reshape(-1))
+    return torch.cat(states), torch.cat(targets)
+
+
+def probe_brier1(model, corpus, args, is_calm: bool) -> dict:
+    """What the backbone knows of the next token, whatever the head makes of it: a linear softmax probe fitted on the
+    frozen final states of the training blocks to the next chunk's first token (AdamW, `--probe_steps` batches of
+    1,024), and its exact held-out Brier-1 (2 p(y) - sum p^2, chunk-aligned). A CALM whose probe is near the Llama's
+    has the context in its states and loses it in the head."""
+    generator = torch.Generator().manual_seed(args.seed)
+    train_x, train_y = chunk_states(model, corpus["train"], args, is_calm)
+    test_x, test_y = chunk_states(model, corpus["heldout"], args, is_calm)
+    probe = torch.nn.Linear(train_x.shape[1], corpus["vocab_size"])
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(args.probe_steps):
+        rows = torch.randint(len(train_x), (1024,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(probe(train_x[rows]), train_y[rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        probs = probe(test_x).softmax(-1)
+        brier1 = (2 * probs.gather(1, test_y[:, None]).squeeze(1) - probs.pow(2).sum(-1)).mean().item()
+        nll = torch.nn.functional.cross_entropy(probe(test_x), test_y).item()
+    print(f"  linear probe of the final states: held-out exact chunk Brier-1 {brier1:.4f}, next-token loss {nll:.3f}")
+    return {"probe_chunk_brier1": brier1, "probe_loss": nll}
 
 
 @torch.no_grad()
@@ -466,7 +671,57 @@ def unconditional_reference(train: torch.LongTensor, heldout: torch.LongTensor, 
     return point
 
 
+def trained_autoencoder(args, corpus) -> tuple[CalmAutoencoder, dict]:
+    """The autoencoder trained on the corpus's blocks, and `{"flops", "seconds", "heldout_token_accuracy"}`. With
+    `--ae_cache_dir`, an autoencoder trained before with the same settings on the same blocks is loaded instead (its
+    FLOPs and seconds are those of its training: they still count)."""
+    # (an unset --ae_batch_size is --batch_size, already in the key)
+    ae_settings = {name: getattr(args, name) for name in AE_SETTINGS if getattr(args, name) is not None}
+    ae_settings["ae_lr_scheduler_type"] = args.ae_lr_scheduler_type or args.lr_scheduler_type
+    key = hashlib.sha256(
+        json.dumps(ae_settings, sort_keys=True).encode() + corpus["train"].numpy().tobytes()
+    ).hexdigest()[:16]
+    path = os.path.join(args.ae_cache_dir, f"autoencoder-{key}") if args.ae_cache_dir else None
+    if path and os.path.exists(os.path.join(path, "run.json")):
+        with open(os.path.join(path, "run.json"), encoding="utf-8") as f:
+            run = {key: value for key, value in json.load(f).items() if key != "settings"}
+        print(
+            f"\nautoencoder (l = {args.latent_size}): from {path}; held-out token accuracy "
+            f"{run['heldout_token_accuracy']:.4%}"
+        )
+        return CalmAutoencoder.from_pretrained(path), run
+    autoencoder = build_autoencoder(args, corpus)
+    print(f"\nautoencoder (l = {args.latent_size}): {args.ae_steps} steps, lr {args.ae_learning_rate}")
+    ae_run = train(
+        autoencoder,
+        corpus["train"],
+        args,
+        args.ae_steps,
+        args.ae_learning_rate,
+        ae_settings["ae_lr_scheduler_type"],
+        batch_size=args.ae_batch_size,
+    )
+    accuracy = reconstruction_accuracy(autoencoder, corpus["heldout"])
+    print(f"  held-out token accuracy {accuracy:.4%}, {ae_run['train_seconds']:.1f} s")
+    run = {
+        "flops": ae_run["flops_per_step"] * args.ae_steps,
+        "seconds": ae_run["train_seconds"],
+        "heldout_token_accuracy": accuracy,
+    }
+    if path:
+        autoencoder.save_pretrained(path)
+        with open(os.path.join(path, "run.json"), "w", encoding="utf-8") as f:
+            json.dump({**run, "settings": ae_settings}, f, indent=2)
+    return autoencoder, run
+
+
 # ---------------------------------------------------------------------------------------------------- report
+
+
+def earlier_flops(run: dict) -> float:
+    """FLOPs a model's curve starts from: its autoencoder's training and, for a CALM started from a pretrained Llama,
+    that Llama's training."""
+    return run.get("autoencoder_flops", 0) + run.get("pretrained_decoder_flops", 0)
 
 
 def steps_to_reach(curve: list[dict], key: str, target: float):
@@ -497,7 +752,7 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, metric in zip(axes, ("brierlm", "brier1"), strict=True):
         for name, run in results["models"].items():
-            offset = run.get("autoencoder_flops", 0)
+            offset = earlier_flops(run)
             for scoring, style in (("chunk", "-"), ("token", ":")):
                 key = f"{scoring}_{metric}"
                 points = [(p["train_flops"] + offset, p[key]) for p in run["curve"] if key in p]
@@ -531,7 +786,7 @@ def report(results: dict, args) -> None:
     )
     for name, run in results["models"].items():
         last = run["curve"][-1]
-        flops = last["train_flops"] + run.get("autoencoder_flops", 0)
+        flops = last["train_flops"] + earlier_flops(run)
         cells = [
             f"{last.get(f'{s}_{m}', float('nan')):13.4f}" for s in ("chunk", "token") for m in ("brierlm", "brier1")
         ]
@@ -542,10 +797,10 @@ def report(results: dict, args) -> None:
             "\nat equal training FLOPs (the Llama's curve interpolated at each CALM's final FLOPs, its autoencoder's included):"
         )
         for name, run in results["models"].items():
-            if name == "llama":
+            if name.startswith("llama"):
                 continue
             last = run["curve"][-1]
-            flops = last["train_flops"] + run.get("autoencoder_flops", 0)
+            flops = last["train_flops"] + earlier_flops(run)
             reference = {key: value_at_flops(llama["curve"], key, flops) for key in ("chunk_brier1", "chunk_brierlm")}
             run["llama_at_equal_flops"] = reference
             if reference["chunk_brier1"] is None:
@@ -568,7 +823,7 @@ def report(results: dict, args) -> None:
             if point is None:
                 print(f"  {name:<16} does not reach it (best {max(p['chunk_brierlm'] for p in run['curve']):.2f})")
                 continue
-            flops = point["train_flops"] + run.get("autoencoder_flops", 0)
+            flops = point["train_flops"] + earlier_flops(run)
             ratio = f", {flops / (llama_point['train_flops']):.2f}x the Llama's" if llama_point else ""
             print(f"  {name:<16} reaches it at step {point['step']}: {flops / 1e9:.1f} GFLOPs{ratio}")
             run["flops_to_target"] = flops
@@ -586,6 +841,9 @@ def parse_args(argv=None):
     data.add_argument("--patch_size", type=int, default=4, help="K")
     data.add_argument("--block_size", type=int, default=256)
     data.add_argument("--batch_size", type=int, default=16)
+    data.add_argument(
+        "--calm_batch_size", type=int, default=None, help="blocks per CALM step (default: --batch_size, the Llama's)"
+    )
     data.add_argument(
         "--epochs",
         type=int,
@@ -607,9 +865,17 @@ def parse_args(argv=None):
     backbone.add_argument("--num_heads", type=int, default=None)
     ae = parser.add_argument_group("autoencoder")
     ae.add_argument("--latent_size", type=int, default=None, help="official: 128")
+    ae.add_argument(
+        "--ae_cache_dir",
+        default=None,
+        help="keep trained autoencoders here and reuse one trained with the same settings on the same blocks",
+    )
     ae.add_argument("--ae_hidden_size", type=int, default=128)
     ae.add_argument("--ae_intermediate_size", type=int, default=256)
     ae.add_argument("--ae_steps", type=int, default=None)
+    ae.add_argument(
+        "--ae_batch_size", type=int, default=None, help="blocks per autoencoder step; default: --batch_size"
+    )
     ae.add_argument("--ae_learning_rate", type=float, default=None)
     ae.add_argument("--kl_weight", type=float, default=1e-3)
     ae.add_argument("--kl_clamp", type=float, default=0.5)
@@ -617,7 +883,9 @@ def parse_args(argv=None):
     ae.add_argument("--latent_dropout", type=float, default=None)
     head = parser.add_argument_group("generative head")
     head.add_argument("--num_mlp_layers", type=int, default=2)
-    head.add_argument("--num_samples", type=int, default=8, help="N of the energy score")
+    head.add_argument(
+        "--num_samples", type=int, default=8, help="N of the energy score; flow / diffusion: targets per position"
+    )
     head.add_argument("--noise_size", type=int, default=64, help="energy head input noise")
     head.add_argument("--energy_alpha", type=float, default=1.0, help="distance exponent of the energy score")
     head.add_argument("--target_noise_scale", type=float, default=1.0, help="CalmConfig flag; 1.0 is official")
@@ -625,6 +893,39 @@ def parse_args(argv=None):
         "--random_output_layer",
         action="store_true",
         help="the energy head's last layer starts random (std 0.02) instead of zero",
+    )
+    remedies = parser.add_argument_group("small-scale remedies (CalmConfig fields, off by default)")
+    remedies.add_argument(
+        "--decoder_loss_weight", type=float, default=0.0, help="token loss through the frozen decoder (SONAR-LLM)"
+    )
+    remedies.add_argument("--decoder_loss_type", choices=["mixture", "per_sample", "point"], default="mixture")
+    remedies.add_argument("--decoder_loss_samples", type=int, default=None, help="default: all num_samples")
+    remedies.add_argument(
+        "--decoder_loss_start", type=float, default=0.0, help="fraction of the steps before the decoder loss starts"
+    )
+    remedies.add_argument(
+        "--decoder_loss_warmup", type=float, default=0.0, help="fraction of the steps its weight ramps up over"
+    )
+    remedies.add_argument(
+        "--token_loss_weight", type=float, default=0.0, help="multi-token softmax loss on the backbone's states"
+    )
+    remedies.add_argument(
+        "--guidance_dropout", type=float, default=0.0, help="flow/diffusion: condition dropout in training (CFG)"
+    )
+    remedies.add_argument(
+        "--guidance_scale", type=float, default=1.0, help="flow/diffusion: classifier-free guidance when sampling"
+    )
+    remedies.add_argument(
+        "--eval_guidance_scales", type=float, nargs="*", default=None, help="also evaluate at these guidance weights"
+    )
+    remedies.add_argument(
+        "--last_token_compression",
+        action="store_true",
+        help="the input compression starts as the chunk's last token embedding (from_pretrained_decoder's "
+        "init_input_compression); otherwise random",
+    )
+    remedies.add_argument(
+        "--input_noise_std", type=float, default=0.0, help="Gaussian noise on the backbone's inputs (Kyutai)"
     )
     opt = parser.add_argument_group("optimisation (the same for every model)")
     opt.add_argument("--max_steps", type=int, default=None)
@@ -645,6 +946,12 @@ def parse_args(argv=None):
     opt.add_argument("--ae_lr_scheduler_type", default=None, help="the autoencoder's; default: --lr_scheduler_type")
     opt.add_argument("--warmup_ratio", type=float, default=0.05)
     opt.add_argument("--eval_every", type=int, default=None)
+    parser.add_argument(
+        "--probe_steps", type=int, default=0, help="fit a linear probe of the final states for this many steps"
+    )
+    parser.add_argument(
+        "--from_llama_steps", type=int, default=0, help="-from-llama models: the Llama's steps before CALM's"
+    )
     parser.add_argument("--target_fraction", type=float, default=0.9, help="of the optimal BrierLM (synthetic)")
     args = parser.parse_args(argv)
     for name, value in CORPUS_DEFAULTS[args.corpus].items():
@@ -688,49 +995,48 @@ def main(argv=None) -> dict:
     results["corpus"]["unconditional_reference"] = reference
     results["models"] = {}
 
-    autoencoder = None
-    if any(name.startswith("calm") for name in args.models):
-        autoencoder = build_autoencoder(args, corpus)
-        print(f"\nautoencoder (l = {args.latent_size}): {args.ae_steps} steps, lr {args.ae_learning_rate}")
-        ae_run = train(
-            autoencoder,
-            corpus["train"],
-            args,
-            args.ae_steps,
-            args.ae_learning_rate,
-            args.ae_lr_scheduler_type or args.lr_scheduler_type,
-        )
-        accuracy = reconstruction_accuracy(autoencoder, corpus["heldout"])
-        print(f"  held-out token accuracy {accuracy:.4%}, {ae_run['train_seconds']:.1f} s")
-        results["autoencoder"] = {
-            "flops": ae_run["flops_per_step"] * args.ae_steps,
-            "seconds": ae_run["train_seconds"],
-            "heldout_token_accuracy": accuracy,
-        }
+    autoencoders = {}  # trained once per set of autoencoder settings
     for name in args.models:
+        model_args = args_of_model(name, args)
         if name == "llama":
             model, lr, is_calm = build_llama(args, corpus), args.llama_learning_rate or args.learning_rate, False
             schedule = args.llama_lr_scheduler_type or args.lr_scheduler_type
-        elif name.startswith("calm-"):
-            model, lr, is_calm = build_calm(args, corpus, autoencoder, name[len("calm-") :]), args.learning_rate, True
-            schedule = args.lr_scheduler_type
+            earlier = {}
         else:
-            raise ValueError(f"Unknown model {name!r}: llama or calm-{{energy,flow,diffusion}}.")
+            ae_key = json.dumps({key: getattr(model_args, key) for key in AE_SETTINGS}, sort_keys=True)
+            if ae_key not in autoencoders:
+                autoencoders[ae_key] = trained_autoencoder(model_args, corpus)
+            autoencoder, ae_run = autoencoders[ae_key]
+            results.setdefault("autoencoder", ae_run)  # the first CALM's (the others' are in their runs)
+            earlier = {"autoencoder_flops": ae_run["flops"], "autoencoder": ae_run}
+            head_type = model_args.head_type
+            if name.endswith(FROM_LLAMA):
+                llama, llama_run = pretrained_llama(model_args, corpus, eval_steps)
+                results["models"].setdefault("llama-pretrained", llama_run)
+                earlier["pretrained_decoder_flops"] = llama_run["curve"][-1]["train_flops"]
+                model = build_calm(model_args, corpus, autoencoder, head_type, pretrained_decoder=llama)
+            else:
+                model = build_calm(model_args, corpus, autoencoder, head_type)
+            lr, is_calm, schedule = model_args.learning_rate, True, model_args.lr_scheduler_type
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"\n{name}: {trainable / 1e6:.2f}M trainable parameters, lr {lr}")
         run = train(
             model,
             corpus["train"],
-            args,
-            args.max_steps,
+            model_args,
+            model_args.max_steps,
             lr,
             schedule,
-            evaluate=lambda m, c=is_calm: evaluate_brier(m, corpus["heldout"], args, c),
+            evaluate=lambda m, c=is_calm, a=model_args: evaluate_with_guidance(m, corpus["heldout"], a, c),
             eval_steps=eval_steps,
+            batch_size=model_args.calm_batch_size if is_calm else None,
         )
-        if is_calm:
-            run["autoencoder_flops"] = results["autoencoder"]["flops"]
+        run.update(earlier)
+        if args.probe_steps:
+            run["probe"] = probe_brier1(model, corpus, args, is_calm)
         run["trainable_parameters"] = trainable
+        if is_calm:
+            run["settings"] = {key: value for key, value in vars(model_args).items() if key not in ("models",)}
         results["models"][name] = run
 
     report(results, args)

@@ -10,15 +10,21 @@ Stages (each one a function, timed):
   3. autoencoder     train a small CalmAutoencoder (K=4 tokens -> one latent vector) with CalmAutoencoderTrainer, on
                      the blocks examples/train_autoencoder.py makes;
   4. reconstruction  how well it reconstructs the held-out documents (token and chunk accuracy);
-  5. CALM            train a small CalmForCausalLM on top of the frozen autoencoder with CalmTrainer (energy loss),
-                     as examples/train_calm.py does; its evaluation gives BrierLM on the held-out documents;
-  6. generation      continue a held-out prompt with likelihood-free temperature sampling;
-  7. report          a PNG of the training curves and a model card (README.md of the CALM checkpoint).
+  5. CALM            train a small CalmForCausalLM on top of the frozen autoencoder with CalmTrainer, as
+                     examples/train_calm.py does, with the small-scale recipe (benchmarks/bench_quality.py's
+                     `calm-recipe`: the flow head, latent size 32, the head at 5x the learning rate, a constant schedule;
+                     the configs' defaults stay the paper's); its evaluation gives BrierLM on the held-out documents;
+  6. Llama           the baseline: a LlamaForCausalLM with the same backbone, trained on the same blocks with the
+                     same steps, learning rate and schedule (`--no_llama` skips it);
+  7. generation      continue a held-out prompt with both: CALM with likelihood-free temperature sampling, the Llama
+                     with ordinary temperature sampling, printed side by side;
+  8. report          a PNG of the training curves and a model card (README.md of the CALM checkpoint).
 
 Nothing is downloaded: the data ship with the repository and the tokenizer is trained here. Outputs go to
 --output_dir: data/, tokenizer/, autoencoder/, calm/ (a complete Hub-style checkpoint with its card),
-training_curves.png and summary.json. A model this small, trained for minutes on 200K tokens, writes text that is
-locally plausible at best: the demo shows the pipeline, the paper's quality needs the paper's scale.
+llama/, training_curves.png and summary.json. A model this small, trained for minutes on 200K tokens, writes text
+that is locally plausible at best: the demo shows the pipeline, the paper's quality needs the paper's scale; at this
+budget the same-size Llama predicts the held-out text better (docs/small-scale.md).
 """
 
 import argparse
@@ -35,7 +41,15 @@ from scripts import (  # examples/scripts.py: the script's directory is on sys.p
     train_and_evaluate,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, default_data_collator, set_seed
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Trainer,
+    default_data_collator,
+    set_seed,
+)
 
 from transformers_calm import (
     CalmAutoencoder,
@@ -82,7 +96,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=16)
 
     ae = parser.add_argument_group("autoencoder (the released model's structure, narrower to train in minutes)")
-    ae.add_argument("--latent_size", type=int, default=128)
+    # The small-scale recipe's latent size (bench_quality.py's RECIPE; the paper's is 128).
+    ae.add_argument("--latent_size", type=int, default=32)
     ae.add_argument("--ae_hidden_size", type=int, default=128)
     ae.add_argument("--ae_intermediate_size", type=int, default=256)
     ae.add_argument("--ae_max_steps", type=int, default=400)
@@ -98,17 +113,24 @@ def parse_args(argv=None):
     lm.add_argument("--intermediate_size", type=int, default=704)
     lm.add_argument("--num_hidden_layers", type=int, default=4)
     lm.add_argument("--num_attention_heads", type=int, default=4)
-    lm.add_argument("--num_mlp_layers", type=int, default=2, help="Residual blocks of the energy head.")
+    # The small-scale recipe (bench_quality.py's RECIPE, measured there against the same-size Llama): the flow head,
+    # its learning rate at 5x the backbone's, a constant schedule after warm-up. The paper's: the energy head, one
+    # learning rate (--calm_head_type energy --calm_head_learning_rate 2e-3 --calm_lr_scheduler_type cosine here).
+    lm.add_argument("--calm_head_type", default="flow", choices=["energy", "flow", "diffusion"])
+    lm.add_argument("--num_mlp_layers", type=int, default=2, help="Residual blocks of the generative head.")
     lm.add_argument("--calm_max_steps", type=int, default=250)
     lm.add_argument("--calm_learning_rate", type=float, default=2e-3)
     lm.add_argument(
         "--calm_head_learning_rate",
         type=float,
-        default=None,
-        help="Peak learning rate of the energy head (CalmTrainingArguments.head_learning_rate; default: "
-        "--calm_learning_rate). See the README's small-scale recipe.",
+        default=1e-2,
+        help="Peak learning rate of the generative head (CalmTrainingArguments.head_learning_rate). See "
+        "docs/small-scale.md.",
     )
-    lm.add_argument("--calm_lr_scheduler_type", default="cosine", help="e.g. cosine, constant_with_warmup")
+    lm.add_argument("--calm_lr_scheduler_type", default="constant_with_warmup", help="e.g. cosine")
+    lm.add_argument(
+        "--no_llama", action="store_true", help="Skip the Llama baseline (same backbone, blocks, steps, schedule)."
+    )
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompt", default=None, help="Default: the first words of the first held-out document.")
@@ -278,6 +300,19 @@ def evaluate_stage(model, tokenizer, heldout_docs, args):
     return result
 
 
+def demo_backbone_config(args, max_positions: int, **fields) -> LlamaConfig:
+    """The backbone both models share: CALM's (positions count chunks) and the Llama baseline's (tokens)."""
+    return LlamaConfig(
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        **fields,
+    )
+
+
 def train_calm_stage(args, data_paths):
     """Stage 5: train CALM on the frozen autoencoder saved by stage 3 with `CalmTrainer`; returns (trainer, metrics)."""
     ae_dir = os.path.join(args.output_dir, "autoencoder")  # holds the tokenizer too
@@ -293,16 +328,9 @@ def train_calm_stage(args, data_paths):
     autoencoder = CalmAutoencoder.from_pretrained(ae_dir)
     tokenizer = AutoTokenizer.from_pretrained(ae_dir)
     set_seed(args.seed)
-    backbone_config = LlamaConfig(
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.num_attention_heads,
-        max_position_embeddings=args.block_size // args.patch_size,  # positions count chunks
-        rms_norm_eps=1e-6,
-    )
+    backbone_config = demo_backbone_config(args, max_positions=args.block_size // args.patch_size)  # chunks
     model = CalmForCausalLM.from_autoencoder(
-        autoencoder, backbone_config=backbone_config, num_mlp_layers=args.num_mlp_layers
+        autoencoder, backbone_config=backbone_config, head_type=args.calm_head_type, num_mlp_layers=args.num_mlp_layers
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"CalmForCausalLM: {trainable / 1e6:.2f}M trainable parameters (the autoencoder is frozen)")
@@ -313,19 +341,49 @@ def train_calm_stage(args, data_paths):
         f"held-out ({len(trainer.eval_dataset)} blocks of {args.block_size} tokens, chunk-aligned official "
         f"estimator): BrierLM {metrics['eval_brierlm']:.2f}  (Brier-1..4 "
         + ", ".join(f"{metrics[f'eval_brier{n}']:.4f}" for n in range(1, 5))
-        + f"); energy loss {metrics['eval_loss']:.4f}"
+        + f"); {args.calm_head_type} head loss {metrics['eval_loss']:.4f}"
     )
     if metrics["eval_brierlm"] == 0:
         print(
-            "(BrierLM 0: at this size and budget CALM's head has not yet learnt to use the context, so its samples "
-            "rarely match the reference; a same-budget Llama does better here. benchmarks/bench_quality.py measures "
-            "both, and the README's 'Learning at small scale' section says what was tried.)"
+            "(BrierLM 0: at this size and budget CALM's samples rarely match the reference on four tokens; the same-size "
+            "Llama below does better. benchmarks/bench_quality.py measures both, and the README's 'CALM that learns at "
+            "small scale' says what was tried.)"
         )
     return trainer, metrics
 
 
-def generation_stage(model, tokenizer, heldout_docs, args):
-    """Stage 6: continue a prompt with the batch approximation of temperature sampling (one chunk per step)."""
+def train_llama_stage(args, data_paths, tokenizer):
+    """Stage 6: the baseline, a `LlamaForCausalLM` with CALM's backbone config, trained with transformers' `Trainer` on
+    the same blocks with the same steps, learning rate and schedule (cross-entropy on every token)."""
+    arguments = training_args(
+        args,
+        os.path.join(args.output_dir, "llama"),
+        args.calm_max_steps,
+        args.calm_learning_rate,
+        lr_scheduler_type=args.calm_lr_scheduler_type,
+    )
+    set_seed(args.seed)
+    config = demo_backbone_config(
+        args,
+        max_positions=args.block_size,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    print(f"LlamaForCausalLM: {model.num_parameters() / 1e6:.2f}M parameters, the same backbone config")
+    trainer, metrics = train_and_report(
+        Trainer, model, arguments, tokenizer, load_stage_blocks(args, data_paths, tokenizer, arguments)
+    )
+    print(f"held-out cross-entropy {metrics['eval_loss']:.4f} nats per token")
+    return trainer, metrics
+
+
+def generation_stage(model, tokenizer, heldout_docs, args, llama=None):
+    """Stage 7: continue a prompt with CALM (the batch approximation of temperature sampling, one chunk per step) and,
+    when given, with the Llama baseline (ordinary temperature sampling), from the same prompt and seed."""
     prompt = args.prompt
     if prompt is None:  # the first ~24 words of the first held-out document
         prompt = " ".join(heldout_docs[0].split()[:24])
@@ -335,7 +393,6 @@ def generation_stage(model, tokenizer, heldout_docs, args):
         input_ids = input_ids[:, -(context - args.max_new_tokens) :]
         prompt = tokenizer.decode(input_ids[0], skip_special_tokens=True)
         print(f"(prompt cut to its last {input_ids.shape[1]} tokens to fit the context of {context} tokens)")
-    generator = torch.Generator().manual_seed(args.seed)
     model.eval()
     output = model.generate(
         input_ids,
@@ -343,17 +400,31 @@ def generation_stage(model, tokenizer, heldout_docs, args):
         temperature=args.temperature,
         num_candidates=args.num_candidates,
         max_new_tokens=args.max_new_tokens,
-        generator=generator,
+        generator=torch.Generator().manual_seed(args.seed),
     )
     continuation = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     print(f"prompt ({input_ids.shape[1]} tokens): {prompt!r}")
-    print(f"continuation (T={args.temperature}, N={args.num_candidates}, {args.max_new_tokens} tokens):")
-    print(f"  {continuation!r}")
-    return {"prompt": prompt, "continuation": continuation, "temperature": args.temperature}
+    print(f"CALM  (T={args.temperature}, N={args.num_candidates}, {args.max_new_tokens} tokens): {continuation!r}")
+    sample = {"prompt": prompt, "continuation": continuation, "temperature": args.temperature}
+    if llama is not None:
+        llama.eval()
+        set_seed(args.seed)
+        output = llama.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=True,
+            temperature=args.temperature,
+            top_k=0,  # plain temperature sampling, as CALM's
+            max_new_tokens=args.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        sample["llama_continuation"] = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+        print(f"Llama (T={args.temperature}, {args.max_new_tokens} tokens): {sample['llama_continuation']!r}")
+    return sample
 
 
 def plot_curves(ae_history, calm_history, path):
-    """A PNG with the autoencoder's loss and accuracy and CALM's energy loss terms against training steps."""
+    """A PNG with the autoencoder's loss and accuracy and CALM's loss (and the energy head's terms) against steps."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -372,7 +443,7 @@ def plot_curves(ae_history, calm_history, path):
     axes[1].set(title="autoencoder token accuracy (train)", xlabel="step", ylim=(0, 1))
     for key in ("loss", "energy_fidelity", "energy_diversity"):
         axes[2].plot(*series(calm_history, key), marker=".", label=key)
-    axes[2].set(title="CALM energy loss = 2 fidelity - diversity", xlabel="step")
+    axes[2].set(title="CALM loss (energy head: 2 fidelity - diversity)", xlabel="step")
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
@@ -413,8 +484,13 @@ def main(argv=None):
         reconstruction = evaluate_stage(autoencoder, tokenizer, heldout_docs, args)
     with stage("5. CALM training"):
         calm_trainer, calm_metrics = train_calm_stage(args, data_paths)
-    with stage("6. generation"):
-        sample = generation_stage(calm_trainer.model, tokenizer, heldout_docs, args)
+    llama_metrics = llama = None
+    if not args.no_llama:
+        with stage("6. Llama baseline training"):
+            llama_trainer, llama_metrics = train_llama_stage(args, data_paths, tokenizer)
+            llama = llama_trainer.model
+    with stage("7. generation"):
+        sample = generation_stage(calm_trainer.model, tokenizer, heldout_docs, args, llama)
     results = {
         "heldout_token_accuracy": reconstruction["token_accuracy"],
         "heldout_chunk_accuracy": reconstruction["chunk_accuracy"],
@@ -422,9 +498,11 @@ def main(argv=None):
             key[len("eval_") :]: calm_metrics[key]
             for key in ("eval_brierlm", "eval_brier1", "eval_brier2", "eval_brier3", "eval_brier4")
         },
-        "eval_energy_loss": calm_metrics["eval_loss"],
+        "eval_head_loss": calm_metrics["eval_loss"],
     }
-    with stage("7. report"):
+    if llama_metrics is not None:
+        results["llama_eval_loss"] = llama_metrics["eval_loss"]
+    with stage("8. report"):
         report_stage(args, ae_trainer.state.log_history, calm_trainer, results)
     total = time.perf_counter() - start
 
@@ -437,11 +515,16 @@ def main(argv=None):
         f"{reconstruction['chunk_accuracy']:.4%}"
     )
     print(f"  held-out BrierLM of CALM: {results['brierlm']:.2f} (Brier-1 {results['brier1']:.4f})")
-    print(f"  sample (T={args.temperature}): {sample['prompt']!r} -> {sample['continuation']!r}")
+    print(f"  prompt: {sample['prompt']!r}")
+    print(f"  CALM  (T={args.temperature}): {sample['continuation']!r}")
+    if "llama_continuation" in sample:
+        print(f"  Llama (T={args.temperature}): {sample['llama_continuation']!r}")
     summary = {"timings": dict(TIMINGS, total=total), "results": results, "sample": sample}
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    print(f"  outputs in {args.output_dir}/ (tokenizer/, autoencoder/, calm/, training_curves.png, summary.json)")
+    print(
+        f"  outputs in {args.output_dir}/ (tokenizer/, autoencoder/, calm/, llama/, training_curves.png, summary.json)"
+    )
     return summary
 
 

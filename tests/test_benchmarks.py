@@ -282,6 +282,50 @@ def test_bench_quality_quick_runs_and_writes_curves(tmp_path):
             assert set(run["llama_at_equal_flops"]) == {"chunk_brier1", "chunk_brierlm"}
 
 
+@pytest.mark.slow  # the benchmark as a child process, twice
+def test_bench_quality_remedies_recipe_and_pretrained_decoder(tmp_path):
+    """Every remedy as a flag, `calm-recipe`, a CALM started from the benchmark's own Llama, the linear probe, and the
+    autoencoder cache (a second run loads the autoencoder the first one trained)."""
+    cache = tmp_path / "autoencoders"
+    # fmt: off
+    arguments = [
+        "--corpus", "wikitext", "--models", "llama", "calm-recipe", "calm-energy-from-llama", "--from_llama_steps", "3",
+        "--probe_steps", "5", "--decoder_loss_weight", "0.5", "--decoder_loss_start", "0.5", "--token_loss_weight",
+        "0.5", "--input_noise_std", "0.1", "--ae_cache_dir", str(cache),
+    ]
+    # fmt: on
+    stdout = run_quick(BENCH_QUALITY, *arguments, "--output_dir", str(tmp_path / "first"))
+    report = json.loads((tmp_path / "first" / "quality_wikitext.json").read_text())
+    assert list(report["models"]) == ["llama", "calm-recipe", "llama-pretrained", "calm-energy-from-llama"]
+    recipe, pretrained = report["models"]["calm-recipe"], report["models"]["calm-energy-from-llama"]
+    assert recipe["settings"]["head_type"] == "flow" and recipe["settings"]["latent_size"] == 32
+    assert pretrained["settings"]["head_type"] == "energy"
+    llama_flops = report["models"]["llama-pretrained"]["curve"][-1]["train_flops"]
+    assert pretrained["pretrained_decoder_flops"] == llama_flops > 0
+    for run in (recipe, pretrained):
+        assert {"probe_chunk_brier1", "probe_loss"} <= set(run["probe"])
+        last = run["curve"][-1]
+        assert "train_decoder_loss" in last and "train_token_loss" in last
+        # The decoder loss starts after half the steps: the first half's steps cost less.
+        assert run["curve"][0]["train_flops"] < run["flops_per_step"] * run["curve"][0]["step"]
+    assert "linear probe of the final states" in stdout
+    run_quick(BENCH_QUALITY, *arguments, "--output_dir", str(tmp_path / "second"))
+    second = json.loads((tmp_path / "second" / "quality_wikitext.json").read_text())
+    assert len(list(cache.iterdir())) == 2  # one autoencoder per setting (the recipe's l = 32, the quick l = 16)
+    assert second["models"]["calm-recipe"]["autoencoder"] == recipe["autoencoder"]
+
+
+def test_bench_quality_model_names(bench_quality):
+    args = bench_quality.parse_args(["--corpus", "wikitext", "--latent_size", "64"])
+    assert bench_quality.args_of_model("calm-energy", args).head_type == "energy"
+    assert bench_quality.args_of_model("calm-flow-from-llama", args).head_type == "flow"
+    recipe = bench_quality.args_of_model("calm-recipe", args)
+    assert {key: getattr(recipe, key) for key in bench_quality.RECIPE} == bench_quality.RECIPE
+    assert args.latent_size == 64  # the recipe's settings replace a copy, not the command line's
+    with pytest.raises(ValueError, match="Unknown model 'calm-vae'"):
+        bench_quality.args_of_model("calm-vae", args)
+
+
 def test_value_at_flops_interpolates_inside_the_curve_only(bench_quality):
     curve = [{"train_flops": 10, "x": 1.0}, {"train_flops": 20, "x": 3.0}, {"train_flops": 40, "x": 2.0}]
     assert bench_quality.value_at_flops(curve, "x", 15) == pytest.approx(2.0)
@@ -381,7 +425,9 @@ def test_bench_quality_wikitext_defaults_are_the_demos(bench_quality):
         "num_heldout_documents": "num_heldout_documents",
     }
     assert {b: getattr(bench, b) for b in pairs} == {b: getattr(ours, d) for b, d in pairs.items()}
-    assert bench.head_lr_scale == 1.0 and ours.calm_head_learning_rate is None
+    assert bench.head_lr_scale * bench.learning_rate == ours.calm_head_learning_rate
+    assert bench.ae_lr_scheduler_type == "cosine"  # the demo's autoencoder stage: training_args' default schedule
+    assert bench_quality.args_of_model("calm-recipe", bench).head_type == ours.calm_head_type == "flow"
     # Given values win over the corpus defaults.
     assert bench_quality.parse_args(["--corpus", "wikitext", "--latent_size", "32"]).latent_size == 32
     assert bench_quality.parse_args([]).latent_size == 32 and bench_quality.parse_args([]).head_lr_scale == 10.0

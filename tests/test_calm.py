@@ -22,7 +22,7 @@ from transformers_calm import (
     CalmConfig,
     CalmForCausalLM,
     CalmModel,
-    modeling_calm,
+    calm_loss,
 )
 from transformers_calm.modeling_energy_head import energy_score_terms
 
@@ -83,7 +83,7 @@ def capture_energy_terms(monkeypatch) -> list:
         records.append((fidelity.detach().clone(), diversity.detach().clone()))
         return fidelity, diversity
 
-    monkeypatch.setattr(modeling_calm, "energy_score_terms", recording)
+    monkeypatch.setattr(calm_loss, "energy_score_terms", recording)
     return records
 
 

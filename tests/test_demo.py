@@ -64,7 +64,14 @@ def test_demo_writes_every_output(tiny_demo):
     png = (output_dir / "training_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert json.loads((output_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    assert set(summary["timings"]) >= {"3. autoencoder training", "5. CALM training", "6. generation", "total"}
+    assert set(summary["timings"]) >= {
+        "3. autoencoder training",
+        "5. CALM training",
+        "6. Llama baseline training",
+        "7. generation",
+        "total",
+    }
+    assert (output_dir / "llama" / "config.json").is_file()
 
 
 def test_demo_results_are_measured(tiny_demo):
@@ -75,7 +82,8 @@ def test_demo_results_are_measured(tiny_demo):
     for n in range(1, 5):  # each an average of (0/1 + 0/1 - 0/1) terms
         assert -1 <= results[f"brier{n}"] <= 2
     assert results["brier1"] != 0 or results["brier4"] != 0  # the estimator ran on real samples
-    assert torch.isfinite(torch.tensor(results["eval_energy_loss"]))
+    assert torch.isfinite(torch.tensor(results["eval_head_loss"]))
+    assert torch.isfinite(torch.tensor(results["llama_eval_loss"]))
 
 
 def test_demo_sample_continues_a_heldout_prompt(tiny_demo):
@@ -87,6 +95,25 @@ def test_demo_sample_continues_a_heldout_prompt(tiny_demo):
     tokenizer = AutoTokenizer.from_pretrained(output_dir / "calm")
     new_tokens = tokenizer(sample["continuation"], add_special_tokens=False).input_ids
     assert 0 < len(new_tokens) <= 8 + 4  # 8 new tokens (specials skipped), BPE may re-split a little
+    # The Llama baseline continues the same prompt (an untrained Llama's random byte-level tokens re-split more).
+    llama_tokens = tokenizer(sample["llama_continuation"], add_special_tokens=False).input_ids
+    assert 0 < len(llama_tokens) <= 3 * 8
+
+
+def test_demo_defaults_are_the_benchmarks_recipe():
+    """The demo trains CALM with the small-scale recipe that benchmarks/bench_quality.py measures as `calm-recipe`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_quality", os.path.join(REPO_ROOT, "benchmarks", "bench_quality.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = demo.parse_args([])
+    recipe = bench.RECIPE
+    assert args.calm_head_type == recipe["head_type"] and args.latent_size == recipe["latent_size"]
+    assert args.calm_head_learning_rate == recipe["head_lr_scale"] * args.calm_learning_rate
+    assert args.calm_lr_scheduler_type == recipe["lr_scheduler_type"]
 
 
 def test_demo_checkpoint_loads_with_its_card(tiny_demo):

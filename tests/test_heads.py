@@ -185,7 +185,7 @@ def test_target_noise_scale_narrows_the_energy_targets(scale):
     ids = random_ids(2, 12, seed=2)
     hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
     torch.manual_seed(3)
-    _, fidelity, _ = model.head_loss(hidden, ids)
+    fidelity = model.head_loss(hidden, ids).energy_fidelity
     torch.manual_seed(3)
     samples = model.sample_latents(hidden, num_samples=model.config.num_samples)  # (N, batch, chunks, l)
     mean, log_std = model.encode_chunks(ids[:, model.config.patch_size :])

@@ -51,15 +51,19 @@ AE_AUTO_MAP = {
 # relatively (transitively). No Hub code (hub.py, model_card.py): that is the package's, not the checkpoint's.
 AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py", "screened_argmax.py"}
 CALM_MODULES = AE_MODULES | {
+    "calm_loss.py",
     "compat.py",
     "configuration_calm.py",
+    "decoder_loss.py",
     "generation_calm.py",
     "generation_configuration_calm.py",
     "modeling_calm.py",
     "modeling_diffusion_head.py",
     "modeling_energy_head.py",
     "modeling_flow_head.py",
+    "pretrained_decoder.py",
     "sampling.py",
+    "token_loss.py",
 }
 CALM_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors"} | CALM_MODULES
 AE_FILES = {"README.md", "config.json", "model.safetensors"} | AE_MODULES

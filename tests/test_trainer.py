@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 import transformers_calm
-from transformers_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer, modeling_calm
+from transformers_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer, calm_loss
 from transformers_calm.brierlm import model_brier_terms, scores_from_terms
 from transformers_calm.modeling_calm import CalmEnergyHead
 from transformers_calm.trainer_calm import block_fingerprints
@@ -131,12 +131,12 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, monkeypatch):
     posterior means. SGD without clipping, so that a gradient scaled by the wrong factor changes the update (Adam and
     clipping would hide it)."""
     monkeypatch.setattr(CalmEnergyHead, "sample_noise", batch_independent_noise)
-    original = modeling_calm.energy_score_terms
+    original = calm_loss.energy_score_terms
 
     def posterior_means(samples, target_mean, target_log_std, num_targets, alpha):
         return original(samples, target_mean, torch.full_like(target_log_std, -math.inf), num_targets, alpha)
 
-    monkeypatch.setattr(modeling_calm, "energy_score_terms", posterior_means)
+    monkeypatch.setattr(calm_loss, "energy_score_terms", posterior_means)
 
     results = []
     for batch_size, accumulation in ((4, 1), (2, 2)):
@@ -399,7 +399,7 @@ def test_autoencoder_trainer_is_the_library_one_and_shares_the_loss_term_logging
     for trainer_class in (CalmTrainer, CalmAutoencoderTrainer):
         assert issubclass(trainer_class, LossTermsLoggingMixin)
         assert trainer_class.log is LossTermsLoggingMixin.log
-    assert CalmTrainer.loss_terms == ("energy_fidelity", "energy_diversity")
+    assert CalmTrainer.loss_terms == ("energy_fidelity", "energy_diversity", "decoder_loss", "token_loss")
     assert CalmAutoencoderTrainer.loss_terms == ("reconstruction_loss", "kl_loss", "reconstruction_accuracy")
     trainer = CalmAutoencoderTrainer(model=make_autoencoder(), args=make_args(tmp_path), train_dataset=make_blocks(2))
     assert trainer.model_accepts_loss_kwargs is False and trainer.loss_is_scaled_for_ga is False

@@ -27,6 +27,7 @@ _LEGACY_BACKBONE_FIELDS = (
     "pretraining_tp",
 )
 HEAD_TYPES = ("energy", "flow", "diffusion")
+DECODER_LOSS_TYPES = ("mixture", "per_sample", "point")
 # What the autoencoder defines for the whole model: one source of truth.
 _FROM_AUTOENCODER = ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -73,7 +74,42 @@ class CalmConfig(PreTrainedConfig):
             Not in the paper (1.0 is the official method): the head's training targets are drawn from the
             autoencoder posterior with its standard deviation times this, `mean + target_noise_scale * std * eps`
             (0: the posterior mean itself). Below 1 the head learns a sharper distribution, closer to the decodable
-            posterior means; see the README's small-scale recipe for what it changes.
+            posterior means; see docs/small-scale.md for what it changes.
+        decoder_loss_weight (`float`, *optional*, defaults to 0.0):
+            Not in the paper (0.0 is the official method): the weight of an auxiliary token loss through the frozen
+            autoencoder's decoder, after SONAR-LLM (arXiv 2508.05305), added to the head's loss. It scores the head's
+            own latents against the target chunk's tokens (`decoder_loss.py`): the energy head's samples, the flow
+            head's clean-latent estimate at its training time, the diffusion head's predicted x_0. The autoencoder gets
+            no update and generation is unchanged (likelihood-free).
+        decoder_loss_type (`str`, *optional*, defaults to `"mixture"`):
+            Energy head only: `"mixture"`, the log loss of the decoder's token distribution averaged over the head's
+            samples (a proper score of the head's distribution), or `"per_sample"`, the mean cross-entropy of each
+            sample (not proper: it pulls every sample to the mode). The flow and diffusion heads score each estimate.
+            Any head: `"point"`, SONAR-LLM's own loss on an auxiliary branch, a linear map of the backbone state to
+            one latent (`decoder_loss_proj`, used in training only), whose decoded tokens are scored; the head's
+            samples are not.
+        decoder_loss_samples (`int`, *optional*):
+            How many of the head's samples (energy) or training targets (flow, diffusion) per position the decoder
+            loss reads; `None`: all `num_samples`. Fewer cost fewer decoder FLOPs.
+        input_noise_std (`float`, *optional*, defaults to 0.0):
+            Not in the paper (0.0 is the official method): in training, Gaussian noise of this standard deviation is
+            added to the backbone's input vectors (the compressed chunks, unit scale after their LayerNorm), as
+            Kyutai's continuous audio language model does (arXiv 2509.06926), so that the backbone learns from
+            inputs as imperfect as its own samples make them. Never applied in eval mode or generation.
+        token_loss_weight (`float`, *optional*, defaults to 0.0):
+            Not in the paper (0.0 is the official method): the weight of an auxiliary token loss on the backbone's
+            states, a softmax over the vocabulary for each of the K tokens of the next chunk (`token_loss.py`;
+            multi-token prediction, arXiv 2404.19737), added to the head's loss. Its layer (`token_loss_head`) is
+            used in training only; generation is unchanged (likelihood-free).
+        guidance_dropout (`float`, *optional*, defaults to 0.0):
+            Flow and diffusion heads; not in the paper (0.0 is the official method): in training, the head's
+            condition (the backbone state) is replaced by a learnt null state with this probability, so that the head
+            also models the unconditional latent distribution, which latent classifier-free guidance needs (as in
+            Kyutai's continuous audio language model, arXiv 2509.06926).
+        guidance_scale (`float`, *optional*, defaults to 1.0):
+            Flow and diffusion heads: the classifier-free guidance weight w of sampling, `v_uncond + w (v_cond -
+            v_uncond)` (the noise prediction for the diffusion head); 1.0 samples the conditional head alone (the
+            official sampler, no extra cost). Other values need a head trained with `guidance_dropout` > 0.
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the model returns the backbone's key/value cache by default (in eval mode).
         kwargs:
@@ -108,6 +144,13 @@ class CalmConfig(PreTrainedConfig):
         num_targets=100,
         energy_alpha=1.0,
         target_noise_scale=1.0,
+        decoder_loss_weight=0.0,
+        decoder_loss_type="mixture",
+        decoder_loss_samples=None,
+        input_noise_std=0.0,
+        token_loss_weight=0.0,
+        guidance_dropout=0.0,
+        guidance_scale=1.0,
         use_cache=True,
         **kwargs,
     ):
@@ -126,6 +169,30 @@ class CalmConfig(PreTrainedConfig):
         if not target_noise_scale >= 0:
             raise ValueError(
                 f"target_noise_scale must be >= 0 (1.0: the official posterior), got {target_noise_scale}."
+            )
+        if not decoder_loss_weight >= 0:
+            raise ValueError(f"decoder_loss_weight must be >= 0 (0.0: the official loss), got {decoder_loss_weight}.")
+        if decoder_loss_type not in DECODER_LOSS_TYPES:
+            raise ValueError(f"decoder_loss_type must be one of {DECODER_LOSS_TYPES}, got {decoder_loss_type!r}.")
+        if decoder_loss_samples is not None and not 1 <= decoder_loss_samples <= num_samples:
+            raise ValueError(
+                f"decoder_loss_samples must be in [1, num_samples = {num_samples}] (or None: all), got "
+                f"{decoder_loss_samples}."
+            )
+        if not input_noise_std >= 0:
+            raise ValueError(f"input_noise_std must be >= 0 (0.0: the official inputs), got {input_noise_std}.")
+        if not token_loss_weight >= 0:
+            raise ValueError(f"token_loss_weight must be >= 0 (0.0: the official loss), got {token_loss_weight}.")
+        if not 0 <= guidance_dropout < 1:
+            raise ValueError(
+                f"guidance_dropout must be in [0, 1) (0.0: the official training), got {guidance_dropout}."
+            )
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1.0: no guidance), got {guidance_scale}.")
+        if head_type == "energy" and (guidance_dropout > 0 or guidance_scale != 1.0):
+            raise ValueError(
+                "Classifier-free guidance (guidance_dropout, guidance_scale) needs a flow or diffusion head; the energy "
+                "head samples in one step, with no velocity or noise prediction to guide."
             )
         legacy = {name: kwargs.pop(name) for name in _FROM_AUTOENCODER if name in kwargs}
         legacy_backbone = {name: kwargs.pop(name) for name in _LEGACY_BACKBONE_FIELDS if name in kwargs}
@@ -175,6 +242,13 @@ class CalmConfig(PreTrainedConfig):
         self.num_targets = num_targets
         self.energy_alpha = energy_alpha
         self.target_noise_scale = target_noise_scale
+        self.decoder_loss_weight = decoder_loss_weight
+        self.decoder_loss_type = decoder_loss_type
+        self.decoder_loss_samples = decoder_loss_samples
+        self.input_noise_std = input_noise_std
+        self.token_loss_weight = token_loss_weight
+        self.guidance_dropout = guidance_dropout
+        self.guidance_scale = guidance_scale
         self.use_cache = use_cache
         kwargs.setdefault("tie_word_embeddings", False)  # CALM has no output embedding to tie
         super().__init__(**kwargs)

@@ -8,7 +8,6 @@ step. The frozen autoencoder (`modeling_calm_autoencoder.py`) maps target chunks
 sampled latent vectors back to tokens. Generation lives in `generation_calm.py`.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +18,18 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .calm_loss import CalmHeadLoss, head_loss
 from .compat import CACHE_NAME, cache_max_length
 from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin
 from .generation_configuration_calm import CalmGenerationConfig
 from .modeling_calm_autoencoder import CalmAutoencoder, check_input_ids, id_outside_vocabulary
 from .modeling_diffusion_head import CalmDiffusionHead
-from .modeling_energy_head import CalmEnergyHead, CalmEnergyHeadOutputLayer, energy_score_terms
+from .modeling_energy_head import CalmEnergyHead, CalmEnergyHeadOutputLayer
 from .modeling_flow_head import CalmAdaLNLinear, CalmFlowHead
+from .pretrained_decoder import calm_from_pretrained_decoder
 from .sampling import CalmSamplingMixin
+from .token_loss import CalmTokenLossHead
 
 # The generative heads by `config.head_type`: the paper's energy head and the official ablations.
 HEADS = {"energy": CalmEnergyHead, "flow": CalmFlowHead, "diffusion": CalmDiffusionHead}
@@ -69,6 +71,12 @@ class CalmCausalLMOutputWithPast(ModelOutput):
         energy_diversity (`torch.FloatTensor` of shape `()`, *optional*):
             Mean distance `||x - x'||^alpha` between two different head samples of the same position (it rewards
             spread, so that the head models a distribution rather than a point).
+        decoder_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `config.decoder_loss_weight > 0`):
+            The auxiliary token loss through the frozen decoder (`decoder_loss.py`), in nats per token, before its
+            weight; `loss` includes `decoder_loss_weight * decoder_loss`.
+        token_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `config.token_loss_weight > 0`):
+            The auxiliary multi-token loss on the backbone's states (`token_loss.py`), in nats per token, before its
+            weight; `loss` includes `token_loss_weight * token_loss`.
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`):
             Backbone output after the final norm, one position per chunk; position i conditions chunk i + 1.
         cache (`Cache`, *optional*, returned when `use_cache=True`):
@@ -83,6 +91,8 @@ class CalmCausalLMOutputWithPast(ModelOutput):
     loss: torch.FloatTensor | None = None
     energy_fidelity: torch.FloatTensor | None = None
     energy_diversity: torch.FloatTensor | None = None
+    decoder_loss: torch.FloatTensor | None = None
+    token_loss: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -237,6 +247,8 @@ class CalmModel(CalmPreTrainedModel):
                 )
         if inputs_embeds is None:
             inputs_embeds = self.embed_chunks(input_ids, token_mask)
+        if self.training and self.config.input_noise_std > 0:  # not the official method (0.0); see CalmConfig
+            inputs_embeds = inputs_embeds + self.config.input_noise_std * torch.randn_like(inputs_embeds)
         outputs = self.backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=chunk_attention_mask,
@@ -271,6 +283,11 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         super().__init__(config)
         self.model = CalmModel(config)
         self.generative_head = HEADS[config.head_type](config)
+        if config.token_loss_weight > 0:  # not the official model: the auxiliary token loss's layer (see CalmConfig)
+            self.token_loss_head = CalmTokenLossHead(config.hidden_size, config.vocab_size, config.patch_size)
+        if config.decoder_loss_weight > 0 and config.decoder_loss_type == "point":
+            # Not the official model: the auxiliary branch of the "point" decoder loss (see CalmConfig).
+            self.decoder_loss_proj = nn.Linear(config.hidden_size, config.latent_size)
         self.autoencoder = CalmAutoencoder(config.autoencoder_config)
         self.post_init()
         self._freeze_autoencoder()
@@ -331,6 +348,30 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         model.autoencoder.load_state_dict(autoencoder.state_dict())
         return model.to(autoencoder.dtype)
 
+    @classmethod
+    def from_pretrained_decoder(
+        cls, model_or_path, autoencoder: CalmAutoencoder, init_input_compression: bool = False, **kwargs
+    ) -> "CalmForCausalLM":
+        """A new CALM whose backbone starts from a pretrained token-level decoder (not in the paper; see
+        `pretrained_decoder.py`): its decoder layers, final norm, rotary settings and token embeddings; a new head.
+
+        Args:
+            model_or_path (`PreTrainedModel` or `str`):
+                A decoder-only causal LM (e.g. `LlamaForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`) or its base
+                model, or a path / Hub id that `AutoModelForCausalLM.from_pretrained` loads. Its vocabulary must be the
+                autoencoder's (the same tokenizer).
+            autoencoder ([`CalmAutoencoder`]):
+                The trained autoencoder; its config defines K, l, the vocabulary and the special tokens.
+            init_input_compression (`bool`, *optional*, defaults to `False`):
+                Start the input compression as the chunk's last token embedding (the token the pretrained model read
+                before the next one) instead of randomly, as in a new CALM. Measured worse on WikiText at the demo's
+                budget (docs/small-scale.md), hence off.
+            kwargs:
+                CALM's own `CalmConfig` fields (`head_type`, `num_mlp_layers`, ...), and `revision`, `dtype`,
+                `trust_remote_code` when loading from a path.
+        """
+        return calm_from_pretrained_decoder(cls, model_or_path, autoencoder, init_input_compression, **kwargs)
+
     @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
     def forward(
         self,
@@ -387,7 +428,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         )
         hidden_states = outputs.last_hidden_state
 
-        loss = fidelity = diversity = None
+        terms = CalmHeadLoss(None, None, None, None, None)
         if labels is not None:
             if input_ids is None or labels.shape != input_ids.shape:
                 raise ValueError(
@@ -406,12 +447,14 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
                     f"chunk i + 1 is predicted from chunks 0..i; got sequence_length {input_ids.shape[1]}."
                 )
             token_mask = attention_mask if attention_mask is not None and cache is None else None
-            loss, fidelity, diversity = self.head_loss(hidden_states[:, :-1], labels, token_mask)
+            terms = self.head_loss(hidden_states[:, :-1], labels, token_mask)
 
         output = CalmCausalLMOutputWithPast(
-            loss=loss,
-            energy_fidelity=fidelity,
-            energy_diversity=diversity,
+            loss=terms.loss,
+            energy_fidelity=terms.energy_fidelity,
+            energy_diversity=terms.energy_diversity,
+            decoder_loss=terms.decoder_loss,
+            token_loss=terms.token_loss,
             last_hidden_state=hidden_states,
             cache=outputs.cache if use_cache else None,
             hidden_states=outputs.hidden_states,
@@ -421,38 +464,10 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
 
     def head_loss(
         self, hidden_states: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The head's loss of predicting chunks 1..L-1 of `labels` from `hidden_states` `(batch, L - 1, hidden_size)`.
-
-        Returns `(loss, fidelity, diversity)`, each a mean over the valid target chunks; the energy terms are `None` for
-        the flow and diffusion heads.
-        """
-        K = self.config.patch_size
-        target_ids = labels[:, K:]
-        valid = target_ids != -100
-        if attention_mask is not None:
-            valid = valid & (attention_mask[:, K:] != 0)
-        weights = valid.unflatten(1, (-1, K)).all(-1).float()  # (batch, L - 1): the valid target chunks
-        count = weights.sum().clamp(min=1)
-        with torch.no_grad():
-            mean, log_std = self.encode_chunks(target_ids.masked_fill(target_ids == -100, 0))
-            scale = self.config.target_noise_scale
-            if scale != 1.0:  # not the official method (1.0); see CalmConfig
-                log_std = log_std + math.log(scale) if scale > 0 else torch.full_like(log_std, -math.inf)
-        if self.config.head_type != "energy":
-            # N posterior samples per position as targets (drawn before the head's own draws, as officially).
-            eps = torch.randn((self.config.num_samples, *mean.shape), device=mean.device, dtype=torch.float32)
-            targets = (mean.float() + eps * log_std.float().exp()).to(hidden_states.dtype)
-            loss = self.generative_head.loss_terms(hidden_states, targets)["loss"]
-            return (loss.float() * weights).sum() / count, None, None
-        # N head samples per position, each with its own noise; noise is drawn before the targets, as officially.
-        samples = self.sample_latents(hidden_states, num_samples=self.config.num_samples)
-        fidelity, diversity = energy_score_terms(
-            samples, mean, log_std, num_targets=self.config.num_targets, alpha=self.config.energy_alpha
-        )
-        fidelity = (fidelity * weights).sum() / count
-        diversity = (diversity * weights).sum() / count
-        return 2 * fidelity - diversity, fidelity, diversity
+    ) -> CalmHeadLoss:
+        """The loss of predicting chunks 1..L-1 of `labels` from `hidden_states` `(batch, L - 1, hidden_size)`, with
+        `attention_mask` `(batch, L * K)` marking padded tokens: see [`~calm_loss.head_loss`]."""
+        return head_loss(self, hidden_states, labels, attention_mask)
 
 
 __all__ = [

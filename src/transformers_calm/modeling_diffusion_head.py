@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .compat import generator_kwargs
-from .modeling_flow_head import CalmMLPAdaLN, loss_rows, sampling_inputs
+from .modeling_flow_head import CalmMLPAdaLN, drop_condition, guide, loss_rows, sampling_inputs
 
 NUM_TRAIN_STEPS = 1000
 NUM_SAMPLE_STEPS = 100
@@ -132,8 +132,11 @@ class CalmDiffusionHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config  # guidance_scale and guidance_dropout are read at each call
         self.latent_size = config.latent_size
         self.net = CalmMLPAdaLN(config.latent_size, config.hidden_size, 2 * config.latent_size, config.num_mlp_layers)
+        if config.guidance_dropout > 0:  # not the official head: the null condition of classifier-free guidance
+            self.null_condition = nn.Parameter(torch.zeros(config.hidden_size))
         betas = cosine_betas()
         self.train_diffusion = GaussianDiffusion(betas, list(range(NUM_TRAIN_STEPS)))
         self.sample_diffusion = GaussianDiffusion(betas, respaced_timesteps(NUM_TRAIN_STEPS, NUM_SAMPLE_STEPS))
@@ -159,24 +162,33 @@ class CalmDiffusionHead(nn.Module):
         x = noise[..., 0, :].to(hidden_states.dtype)
         for k, i in enumerate(reversed(range(NUM_SAMPLE_STEPS))):
             t = torch.full(leading, i, dtype=torch.long, device=x.device)
-            output = self.net(x, diffusion.timestep_map.to(x.device)[t], c)
+            output = guide(self, self.net, x, diffusion.timestep_map.to(x.device)[t], c)
+            if self.config.guidance_scale != 1.0:  # the guided variance value stays in its learnt range
+                eps, v = output.chunk(2, dim=-1)
+                output = torch.cat([eps, v.clamp(-1, 1)], dim=-1)
             mean, log_variance, _ = diffusion.p_mean_variance(output, x, t)
             step_noise = noise[..., k + 1, :].to(x.dtype)
             x = mean + (torch.exp(0.5 * log_variance) * step_noise * temperature if i > 0 else 0)
         return x
 
-    def loss_terms(self, hidden_states, targets, generator=None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, hidden_states, targets, generator=None, return_estimate=False) -> dict[str, torch.Tensor]:
         """Diffusion loss (MSE + VB in bits) of `targets` `(S, ..., latent_size)` given the states `(..., hidden_size)`:
-        `{"loss": (...)}`, the mean over samples."""
+        `{"loss": (...)}`, the mean over samples. With `return_estimate`, also `"estimate"` `(S, ..., latent_size)`:
+        the x_0 the network predicts for each target at its step (what the decoder loss scores, `decoder_loss.py`)."""
         flat_targets, flat_c = loss_rows(hidden_states, targets)
+        flat_c = drop_condition(self, flat_c)
         # Draw order as the official DiffLoss: t, then the noise (rows sample-major).
         t = torch.randint(0, NUM_TRAIN_STEPS, (flat_targets.shape[0],), device=targets.device, generator=generator)
         noise = torch.randn(flat_targets.shape, device=targets.device, dtype=flat_targets.dtype, generator=generator)
-        mse, vb = self.sample_loss(flat_targets, flat_c, t, noise)
-        return {"loss": (mse + vb).view(targets.shape[:-1]).mean(0)}
+        mse, vb, estimate = self.sample_loss(flat_targets, flat_c, t, noise, return_estimate=True)
+        terms = {"loss": (mse + vb).view(targets.shape[:-1]).mean(0)}
+        if return_estimate:
+            terms["estimate"] = estimate.view(targets.shape)
+        return terms
 
-    def sample_loss(self, target, c, t, noise) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample `(mse, vb)` `(rows,)` for given steps and noise (the official `training_losses`)."""
+    def sample_loss(self, target, c, t, noise, return_estimate=False):
+        """Per-sample `(mse, vb)` `(rows,)` for given steps and noise (the official `training_losses`); with
+        `return_estimate`, also the predicted x_0 `(rows, latent_size)` (from the predicted noise, with gradient)."""
         diffusion = self.train_diffusion
         x_t = diffusion.q_sample(target, t, noise)
         output = self.net(x_t, diffusion.timestep_map.to(t.device)[t], c)
@@ -187,7 +199,14 @@ class CalmDiffusionHead(nn.Module):
         true_mean, true_log_variance = diffusion.q_posterior(target, x_t, t)
         kl = _normal_kl(true_mean, true_log_variance, mean, log_variance).mean(-1) / math.log(2.0)
         nll = -_discretized_gaussian_log_likelihood(target, mean, 0.5 * log_variance).mean(-1) / math.log(2.0)
-        return mse, torch.where(t == 0, nll, kl)
+        vb = torch.where(t == 0, nll, kl)
+        if not return_estimate:
+            return mse, vb
+        estimate = (
+            diffusion.gather(diffusion.sqrt_recip_alphas_cumprod, t) * x_t
+            - diffusion.gather(diffusion.sqrt_recipm1_alphas_cumprod, t) * eps
+        )
+        return mse, vb, estimate.to(x_t.dtype)
 
 
 __all__ = ["CalmDiffusionHead", "GaussianDiffusion", "cosine_betas", "respaced_timesteps"]

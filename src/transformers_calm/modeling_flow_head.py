@@ -117,6 +117,32 @@ class CalmMLPAdaLN(nn.Module):
         return self.final_layer(x, condition)
 
 
+def drop_condition(head, c: torch.Tensor) -> torch.Tensor:
+    """Training rows `(rows, hidden_size)` with each condition replaced by the head's null condition with probability
+    `config.guidance_dropout` (classifier-free guidance's training; not the official method). Unchanged otherwise."""
+    p = head.config.guidance_dropout
+    if p == 0 or not head.training:
+        return c
+    drop = torch.rand(c.shape[0], device=c.device) < p
+    return torch.where(drop[:, None], head.null_condition.to(c.dtype), c)
+
+
+def guide(head, predict, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`predict(x, t, c)` (a velocity or a network output), classifier-free guided with `config.guidance_scale` w:
+    `p(x, t, null) + w (p(x, t, c) - p(x, t, null))`, the two in one batch; just `predict(x, t, c)` when w = 1."""
+    scale = head.config.guidance_scale
+    if scale == 1.0:
+        return predict(x, t, c)
+    if getattr(head, "null_condition", None) is None:
+        raise ValueError(
+            f"guidance_scale={scale} needs a head trained with guidance_dropout > 0 (it has no null condition); set "
+            "config.guidance_scale = 1.0."
+        )
+    null = head.null_condition.to(c.dtype).expand_as(c)
+    conditional, unconditional = predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, null])).chunk(2)
+    return unconditional + scale * (conditional - unconditional)
+
+
 def sampling_inputs(head, hidden_states, noise, generator, num_samples):
     """The conditions and the noise of a head's sampler (flow or diffusion): the states `(..., hidden_size)` expanded to
     the samples' leading shape (`(num_samples, ...)` with `num_samples`), and the head's noise for them, drawn when
@@ -145,8 +171,11 @@ class CalmFlowHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config  # guidance_scale and guidance_dropout are read at each call
         self.latent_size = config.latent_size
         self.net = CalmMLPAdaLN(config.latent_size, config.hidden_size, config.latent_size, config.num_mlp_layers)
+        if config.guidance_dropout > 0:  # not the official head: the null condition of classifier-free guidance
+            self.null_condition = nn.Parameter(torch.zeros(config.hidden_size))
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
@@ -159,6 +188,11 @@ class CalmFlowHead(nn.Module):
         # The network embeds the integer floor(1000 t), computed in float32 as the official code does.
         return self.net(x, (t.float() * 1000).long(), c)
 
+    def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The sampler's velocity: the conditional one, or with `config.guidance_scale` w != 1 the classifier-free
+        guided `v(x, t, null) + w (v(x, t, c) - v(x, t, null))` (both in one batch)."""
+        return guide(self, self.velocity, x, t, c)
+
     def forward(self, hidden_states, noise=None, generator=None, num_samples=None) -> torch.Tensor:
         """Latent samples for backbone states `(..., hidden_size)`: `(..., latent_size)`, or `(num_samples, ...,
         latent_size)`; `noise` is the starting point x0 of each sample."""
@@ -169,24 +203,35 @@ class CalmFlowHead(nn.Module):
         dt = 1.0 / steps
         for step in range(steps):
             t = torch.full(leading, step / steps, dtype=torch.float32, device=x.device)
-            x_mid = x + 0.5 * dt * self.velocity(x, t, c)
-            x = x + dt * self.velocity(x_mid, t + 0.5 * dt, c)
+            x_mid = x + 0.5 * dt * self.guided_velocity(x, t, c)
+            x = x + dt * self.guided_velocity(x_mid, t + 0.5 * dt, c)
         return x
 
-    def loss_terms(self, hidden_states, targets, generator=None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, hidden_states, targets, generator=None, return_estimate=False) -> dict[str, torch.Tensor]:
         """Flow-matching loss of `targets` `(S, ..., latent_size)` (S posterior samples per state) given the states
-        `(..., hidden_size)`: `{"loss": (...)}`, the mean over samples of the per-sample squared velocity error."""
+        `(..., hidden_size)`: `{"loss": (...)}`, the mean over samples of the per-sample squared velocity error. With
+        `return_estimate`, also `"estimate"` `(S, ..., latent_size)`: the clean latent the network implies for each
+        target at its time, `x_t + (1 - t) v_hat` (what the decoder loss scores, `decoder_loss.py`)."""
         flat_targets, flat_c = loss_rows(hidden_states, targets)
+        flat_c = drop_condition(self, flat_c)
         # Draw order as the official FlowLoss: t, then x0 (rows sample-major).
         t = torch.rand(flat_targets.shape[0], device=targets.device, generator=generator)
         x0 = torch.randn(flat_targets.shape, device=targets.device, dtype=flat_targets.dtype, generator=generator)
-        per_sample = self.sample_loss(flat_targets, flat_c, t, x0)
-        return {"loss": per_sample.view(targets.shape[:-1]).mean(0)}
+        per_sample, estimate = self.sample_loss(flat_targets, flat_c, t, x0, return_estimate=True)
+        terms = {"loss": per_sample.view(targets.shape[:-1]).mean(0)}
+        if return_estimate:
+            terms["estimate"] = estimate.view(targets.shape)
+        return terms
 
-    def sample_loss(self, target, c, t, x0) -> torch.Tensor:
-        """Per-sample loss `(rows,)` for given times and starting points (the official `FlowLoss.forward`)."""
+    def sample_loss(self, target, c, t, x0, return_estimate=False):
+        """Per-sample loss `(rows,)` for given times and starting points (the official `FlowLoss.forward`); with
+        `return_estimate`, also the implied clean latents `(rows, latent_size)`."""
         xt = (1 - t[:, None]) * x0 + t[:, None] * target
-        return (self.velocity(xt, t, c) - (target - x0)).pow(2).mean(-1)
+        velocity = self.velocity(xt, t, c)
+        loss = (velocity - (target - x0)).pow(2).mean(-1)
+        if not return_estimate:
+            return loss
+        return loss, xt + (1 - t[:, None]).to(velocity.dtype) * velocity
 
 
 __all__ = [
@@ -198,4 +243,6 @@ __all__ = [
     "CalmTimeLinear",
     "CalmTimestepEmbedder",
     "CalmZeroLinear",
+    "drop_condition",
+    "guide",
 ]

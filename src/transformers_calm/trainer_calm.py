@@ -3,7 +3,8 @@
 Training is the plain `Trainer` loop on the model's energy loss; every `TrainingArguments` feature keeps working
 (gradient accumulation, bf16, gradient checkpointing, DDP, save / resume, `load_best_model_at_end`). What it adds:
 
-- train logs: `energy_fidelity` and `energy_diversity`, averaged over the micro-batches since the previous log and over
+- train logs: `energy_fidelity` and `energy_diversity` (energy head), `decoder_loss` and `token_loss` (when the
+  config weighs them), averaged over the micro-batches since the previous log and over
   the processes ([`~trainer_logging.LossTermsLoggingMixin`], shared with `CalmAutoencoderTrainer`);
 - evaluation (`trainer.evaluate()`, and eval during training): `eval_loss`, `eval_energy_fidelity`,
   `eval_energy_diversity`, `eval_brier1..4`, `eval_brierlm` (the official chunk-aligned BrierLM, see
@@ -32,6 +33,9 @@ STATISTICS = (
     # The block's batch means (like eval_loss: the Trainer repeats each batch's loss per block): CalmTrainer.loss_terms.
     "energy_fidelity",
     "energy_diversity",
+    # The auxiliary losses, when the model has them (CalmConfig.decoder_loss_weight, token_loss_weight).
+    "decoder_loss",
+    "token_loss",
     *(f"brier{n}_sum" for n in range(1, MAX_N + 1)),  # sums of the per-position Brier-n estimates of the block
     "num_positions",
     "correct_tokens",  # tokens the autoencoder reconstructs
@@ -90,10 +94,11 @@ class CalmMetrics:
         column = {name: rows[:, index] for index, name in enumerate(STATISTICS)}
         num_positions = column["num_positions"].sum().clamp(min=1)
         briers = [float(column[f"brier{n}_sum"].sum() / num_positions) for n in range(1, MAX_N + 1)]
-        # The energy terms exist for the energy head only (the flow and diffusion heads' columns are NaN).
-        energy = {name: float(column[name].mean()) for name in ("energy_fidelity", "energy_diversity")}
+        # The energy terms exist for the energy head only, the decoder loss where it is on (other columns are NaN).
+        names = ("energy_fidelity", "energy_diversity", "decoder_loss", "token_loss")
+        terms = {name: float(column[name].mean()) for name in names}
         metrics = {
-            **{name: value for name, value in energy.items() if value == value},
+            **{name: value for name, value in terms.items() if value == value},
             **{f"brier{n}": value for n, value in enumerate(briers, start=1)},
             "brierlm": brierlm_from_briers(briers),
             "reconstruction_accuracy": float(column["correct_tokens"].sum() / column["num_tokens"].sum().clamp(min=1)),
@@ -109,7 +114,7 @@ class CalmTrainingArguments(TrainingArguments):
         head_learning_rate (`float`, *optional*):
             Peak learning rate of the generative head's parameters (the same schedule as the rest); `None` (the
             official recipe): `learning_rate` for every parameter. Small CALMs learn several times faster per step
-            with a head learning rate above the backbone's (the README's small-scale recipe measures it).
+            with a head learning rate above the backbone's (docs/small-scale.md measures it).
     """
 
     head_learning_rate: float | None = field(
@@ -134,8 +139,10 @@ class CalmTrainer(LossTermsLoggingMixin, StreamedTrainingDataMixin, Trainer):
     - with [`CalmTrainingArguments`] and `head_learning_rate`, the generative head's parameters get their own peak
       learning rate (each weight-decay group of transformers' optimiser is split in two).
 
-    Train logs gain `energy_fidelity` and `energy_diversity` (means over the micro-batches since the previous log and
-    over processes). Evaluation returns and logs `eval_loss`, `eval_energy_fidelity`, `eval_energy_diversity`,
+    Train logs gain `energy_fidelity` and `energy_diversity` (energy head), `decoder_loss` and `token_loss` (when the
+    model has these auxiliary losses): means over the micro-batches since the previous log and over processes.
+    Evaluation returns and logs `eval_loss`, `eval_energy_fidelity`, `eval_energy_diversity`, `eval_decoder_loss`,
+    `eval_token_loss` (the same),
     `eval_brier1..4`, `eval_brierlm` and `eval_reconstruction_accuracy`:
 
     - the energy terms are means over eval batches, like `eval_loss`; the random draws of a batch's loss are seeded
@@ -159,7 +166,7 @@ class CalmTrainer(LossTermsLoggingMixin, StreamedTrainingDataMixin, Trainer):
     # transformers >= 5.23; older 5.x versions decide from `model_accepts_loss_kwargs`, set in `__init__`).
     loss_is_scaled_for_ga = False
     # Output fields of CalmForCausalLM logged beside the loss (LossTermsLoggingMixin).
-    loss_terms = ("energy_fidelity", "energy_diversity")
+    loss_terms = ("energy_fidelity", "energy_diversity", "decoder_loss", "token_loss")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

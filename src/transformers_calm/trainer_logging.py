@@ -21,19 +21,25 @@ class LossTermsLoggingMixin:
 
     # Fields of the model's outputs (a `ModelOutput` / dict) to log; each a tensor whose mean is the batch's value.
     loss_terms: tuple[str, ...] = ()
-    # Sums of the fields and the number of micro-batches since the previous train log (a float32 tensor), or None.
+    # Per field, its sum and the number of micro-batches that had it, since the previous train log (a float32 tensor
+    # `(2, len(loss_terms))`), or None.
     _loss_term_sums: torch.Tensor | None = None
 
     def _record_loss_terms(self, model, outputs) -> None:
         """Add the `loss_terms` of a training forward's `outputs` to the sums of the next train log (nothing in eval
-        mode, or when the outputs lack one of them)."""
+        mode). A field the outputs lack (e.g. the energy terms of a flow head) is not counted for this micro-batch."""
         if not model.training or not isinstance(outputs, dict):
             return
         values = [outputs.get(name) for name in self.loss_terms]
-        if not values or any(value is None for value in values):
+        present = [value for value in values if value is not None]
+        if not present:
             return
+        zero = torch.zeros((), device=present[0].device)
         terms = torch.stack(
-            [*(value.detach().float().mean() for value in values), torch.ones((), device=values[0].device)]
+            [
+                torch.stack([zero if value is None else value.detach().float().mean() for value in values]),
+                torch.stack([zero if value is None else zero + 1 for value in values]),
+            ]
         )
         self._loss_term_sums = terms if self._loss_term_sums is None else self._loss_term_sums + terms
 
@@ -57,8 +63,9 @@ class LossTermsLoggingMixin:
         """
         # The Trainer makes these logs on every process at the same step, so the reduction below runs in lockstep.
         if "loss" in logs and self._loss_term_sums is not None:
-            sums = self.accelerator.reduce(self._loss_term_sums, reduction="sum").tolist()
-            for name, total in zip(self.loss_terms, sums[:-1], strict=True):
-                logs[name] = total / sums[-1]
+            sums, counts = self.accelerator.reduce(self._loss_term_sums, reduction="sum").tolist()
+            for name, total, count in zip(self.loss_terms, sums, counts, strict=True):
+                if count:
+                    logs[name] = total / count
             self._loss_term_sums = None
         super().log(logs, start_time)
