@@ -8,6 +8,7 @@ hidden states and network outputs, `1e-4` for losses and samples, relative to th
 diffusion sampler, whose latents reach ~1e5 with random weights; integers exactly, float64 schedule tables to 1e-12.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="module")
 def tensors(fixtures_dir) -> dict[str, torch.Tensor]:
     return load_file(fixtures_dir / "fixtures.safetensors")
+
+
+@pytest.fixture(scope="module")
+def seeds(fixtures_dir) -> dict[str, int]:
+    """The seeds the fixture set was made with (`meta.seeds`): a set made the same way with other seeds passes too."""
+    return json.loads((fixtures_dir / "fixtures_meta.json").read_text())["meta"]["seeds"]
 
 
 @pytest.fixture(scope="module", params=["flow", "diffusion"])
@@ -111,10 +118,10 @@ def test_head_loss_for_given_draws(converted, tensors):
     torch.testing.assert_close(per_sample.mean(), tensors[f"{head}_loss"], atol=1e-4, rtol=1e-5)
 
 
-def test_seeded_forward_loss_is_the_officials(converted, tensors):
+def test_seeded_forward_loss_is_the_officials(converted, tensors, seeds):
     """The whole forward with labels, the official draws in the official order: posterior targets, then the head's."""
     head, model = converted
-    seed = {"flow": 1111, "diffusion": 1112}[head]
+    seed = seeds[f"{head}_fwd"]
     ids = tensors["input_ids"]
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -173,12 +180,12 @@ def test_diffusion_schedules_and_steps(tensors, fixtures_dir):
         relative_close(pred_xstart, tensors[f"diffusion_psample_s{step:02d}_pred_xstart"])
 
 
-def test_seeded_generation_is_the_officials(converted, tensors):
+def test_seeded_generation_is_the_officials(converted, tensors, seeds):
     """`generate` at temperature 1 draws the head's noise from the global RNG as the official `generate` does, so the
     tokens are the official ones. One deliberate difference: the official loop keeps the rest of the chunk in which a
     row emits EOS and pads the later chunks; ours pads right after the EOS, where a token-level model ends."""
     head, model = converted
-    torch.manual_seed({"flow": 5551, "diffusion": 5552}[head])
+    torch.manual_seed(seeds[f"{head}_gen"])
     prompt = tensors[f"{head}_gen_prompt"]
     official = tensors[f"{head}_gen_output_ids"]
     out = model.generate(prompt, max_length=official.shape[1])

@@ -32,6 +32,23 @@ DECODER_LOSS_TYPES = ("mixture", "per_sample", "point")
 _FROM_AUTOENCODER = ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
+class _BackboneField:
+    """A backbone field read and set through `CalmConfig` (`config.num_hidden_layers = 1`, as transformers' test
+    utilities and many scripts do): it lives in `backbone_config` alone, so that a saved config holds it once and
+    loads. A field the backbone does not have raises AttributeError, as on the backbone's own config."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, config, owner=None):
+        if config is None:
+            return self
+        return getattr(config.backbone_config, self.name)
+
+    def __set__(self, config, value):
+        setattr(config.backbone_config, self.name, value)
+
+
 class CalmConfig(PreTrainedConfig):
     r"""
     Configuration of a [`CalmForCausalLM`], composed the way transformers composes multimodal models:
@@ -253,6 +270,23 @@ class CalmConfig(PreTrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)  # CALM has no output embedding to tie
         super().__init__(**kwargs)
 
+    # The backbone's fields, read and set through the backbone config (`hidden_size` is also the generative head's
+    # width). Not `max_position_embeddings`: CALM's positions count chunks, and transformers' generic code would read
+    # it as tokens (`max_chunks`, `max_tokens` say which).
+    hidden_size = _BackboneField()
+    intermediate_size = _BackboneField()
+    num_hidden_layers = _BackboneField()
+    num_attention_heads = _BackboneField()
+    num_key_value_heads = _BackboneField()
+    head_dim = _BackboneField()
+    hidden_act = _BackboneField()
+    rope_parameters = _BackboneField()
+    rms_norm_eps = _BackboneField()
+    attention_bias = _BackboneField()
+    attention_dropout = _BackboneField()
+    mlp_bias = _BackboneField()
+    initializer_range = _BackboneField()
+
     # Compare what is saved, as CalmAutoencoderConfig does (see there why transformers' `==` is not enough).
     __eq__ = CalmAutoencoderConfig.__eq__
     __hash__ = None
@@ -299,11 +333,6 @@ class CalmConfig(PreTrainedConfig):
     @eos_token_id.setter
     def eos_token_id(self, value):
         self.autoencoder_config.eos_token_id = value
-
-    @property
-    def hidden_size(self) -> int:
-        """Width of the backbone, hence of the energy head (the backbone's)."""
-        return self.backbone_config.hidden_size
 
     @property
     def max_chunks(self) -> int:

@@ -49,15 +49,34 @@ def _backbone_summary(backbone) -> str:
     return ", ".join(parts) or type(backbone).__name__
 
 
+HEAD_LOSSES = {"energy": "the energy score", "flow": "flow matching", "diffusion": "a diffusion (DDPM) loss"}
+
+
 def _calm_details(model) -> tuple[list, str]:
     config, ae, backbone = model.config, model.config.autoencoder_config, model.config.backbone_config
     family = type(backbone).__name__.removesuffix("Config")  # e.g. Llama, Qwen3
-    total, autoencoder = model.num_parameters(), model.autoencoder.num_parameters()
+    total = model.num_parameters()
     rows = [
         ("Class", f"`{type(model).__name__}`"),
         ("Tokens per step, K (`patch_size`)", config.patch_size),
         ("Latent vector size, l (`latent_size`)", config.latent_size),
         (f"Backbone ({family})", _backbone_summary(backbone)),
+        ("Vocabulary", f"{config.vocab_size:,} tokens"),
+        ("Context", f"{config.max_chunks:,} chunks = {config.max_tokens:,} tokens"),
+        ("Parameters", _count(total)),
+        ("Weights", str(model.dtype).replace("torch.", "")),
+    ]
+    if not hasattr(model, "autoencoder"):  # `CalmModel` (what `AutoModel` loads): compression and backbone only
+        summary = (
+            "The base model of a CALM language model (Continuous Autoregressive Language Model, "
+            "[Shao et al., 2025](https://arxiv.org/abs/2510.27688)): the input compression, which turns each chunk "
+            f"of K = {config.patch_size} tokens into one vector, and the {family} backbone that reads those vectors. "
+            "It returns one hidden state per chunk; it has no generative head and no autoencoder, so it does not "
+            "generate text."
+        )
+        return rows, summary
+    autoencoder = model.autoencoder.num_parameters()
+    rows[4:4] = [
         (
             f"Generative head ({config.head_type})",
             f"{config.num_mlp_layers} residual blocks"
@@ -68,25 +87,21 @@ def _calm_details(model) -> tuple[list, str]:
             f"hidden size {ae.hidden_size}, intermediate size {ae.intermediate_size}, "
             f"{ae.num_encoder_layers} encoder / {ae.num_decoder_layers} decoder layers",
         ),
-        ("Vocabulary", f"{config.vocab_size:,} tokens"),
-        (
-            "Context",
-            f"{config.max_chunks:,} chunks = {config.max_tokens:,} tokens",
-        ),
-        (
-            "Parameters",
-            f"{_count(total)}: language model {_count(total - autoencoder)} + autoencoder {_count(autoencoder)}",
-        ),
-        ("Weights", str(model.dtype).replace("torch.", "")),
     ]
+    rows[-2] = (
+        "Parameters",
+        f"{_count(total)}: language model {_count(total - autoencoder)} + autoencoder {_count(autoencoder)}",
+    )
     summary = (
         "A CALM language model (Continuous Autoregressive Language Model, "
         "[Shao et al., 2025](https://arxiv.org/abs/2510.27688)). Instead of one token per step, it predicts one "
         f"continuous vector per chunk of K = {config.patch_size} tokens: a {family} backbone reads one vector per chunk "
-        "of the context, an energy head turns its last hidden state and random noise into a sample of the next "
+        f"of the context, a generative head ({config.head_type}) turns its last hidden state and random noise into a "
+        "sample of the next "
         "chunk's latent vector, and the frozen autoencoder stored in this checkpoint decodes that vector into "
         f"{config.patch_size} tokens. Each generation step therefore emits {config.patch_size} tokens. There is no "
-        "softmax over the vocabulary: the model is trained with the energy score, sampled with a likelihood-free "
+        f"softmax over the vocabulary: the model is trained with {HEAD_LOSSES[config.head_type]}, sampled with a "
+        "likelihood-free "
         "temperature algorithm, and scored with BrierLM."
     )
     return rows, summary
@@ -118,7 +133,15 @@ def _autoencoder_details(model) -> tuple[list, str]:
 
 
 def _usage(model, model_id: str) -> str:
-    if model.config.model_type == "calm":
+    if model.config.model_type == "calm" and not hasattr(model, "autoencoder"):
+        code = f"""\
+import torch
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("{model_id}", trust_remote_code=True)
+input_ids = torch.randint(0, model.config.vocab_size, (1, 8 * model.config.patch_size))
+hidden = model(input_ids=input_ids).last_hidden_state  # (1, 8, hidden_size): one state per chunk"""
+    elif model.config.model_type == "calm":
         code = f"""\
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -120,6 +120,13 @@ class CalmPreTrainedModel(PreTrainedModel):
     # The energy loss is a per-batch mean: Trainer must divide it by gradient_accumulation_steps itself.
     accepts_loss_kwargs = False
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise NotImplementedError(
+            "CALM's vocabulary is its frozen autoencoder's (vocab_size, the decoder's output layer, K and l come from "
+            "it), so the token embeddings cannot be resized. Train an autoencoder with the new tokenizer, then a "
+            "language model around it (CalmForCausalLM.from_autoencoder)."
+        )
+
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, CalmEnergyHeadOutputLayer):
@@ -249,12 +256,17 @@ class CalmModel(CalmPreTrainedModel):
             inputs_embeds = self.embed_chunks(input_ids, token_mask)
         if self.training and self.config.input_noise_std > 0:  # not the official method (0.0); see CalmConfig
             inputs_embeds = inputs_embeds + self.config.input_noise_std * torch.randn_like(inputs_embeds)
+        # Unset, they follow this config (as in any transformers model), not the backbone's own.
+        if kwargs.get("output_attentions") is None:
+            kwargs["output_attentions"] = self.config.output_attentions
         outputs = self.backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=chunk_attention_mask,
             position_ids=position_ids,
             use_cache=self.config.use_cache if use_cache is None else use_cache,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=self.config.output_hidden_states
+            if output_hidden_states is None
+            else output_hidden_states,
             return_dict=True,
             **{CACHE_NAME: cache},
             **kwargs,
@@ -316,13 +328,6 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
 
     def set_input_embeddings(self, value: nn.Embedding):
         self.model.set_input_embeddings(value)
-
-    def resize_token_embeddings(self, *args, **kwargs):
-        raise NotImplementedError(
-            "CALM's vocabulary is its frozen autoencoder's (vocab_size, the decoder's output layer, K and l come from "
-            "it), so the token embeddings cannot be resized. Train an autoencoder with the new tokenizer, then a "
-            "language model around it (CalmForCausalLM.from_autoencoder)."
-        )
 
     @classmethod
     def from_autoencoder(cls, autoencoder: CalmAutoencoder, config: CalmConfig | None = None, **config_kwargs):
@@ -412,6 +417,11 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
             chunk_attention_mask (`torch.Tensor` of shape `(batch_size, past_chunks + num_chunks)`, *optional*):
                 One entry per chunk instead of `attention_mask` (see [`CalmModel.forward`]).
         """
+        if kwargs.pop("shift_labels", None) is not None:  # transformers' token models take them; CALM would drop them
+            raise ValueError(
+                "CALM takes unshifted labels: pass labels=input_ids (the state of chunk i predicts chunk i + 1 of "
+                "labels), not shift_labels."
+            )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training

@@ -5,6 +5,7 @@ size l and decoded back, independently of every other chunk. There is no attenti
 residual SwiGLU feed-forward layer, reused from transformers' Llama.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,12 @@ class CalmAutoencoderOutput(ModelOutput):
             Posterior mean of every chunk.
         latent_log_std (`torch.FloatTensor` of shape `(batch_size, sequence_length // patch_size, latent_size)`):
             Posterior log standard deviation of every chunk.
+        encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The output of every encoder layer, in order: the first half per token, `(batch_size, num_chunks,
+            patch_size, hidden_size)`, the second half per chunk, `(batch_size, num_chunks, hidden_size)`.
+        decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The output of every decoder layer, in order: the first half per chunk, `(batch_size, num_chunks,
+            hidden_size)`, the second half per token, `(batch_size, sequence_length, hidden_size)`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -89,6 +96,28 @@ class CalmAutoencoderOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     latent_mean: torch.FloatTensor | None = None
     latent_log_std: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@contextmanager
+def recording_layer_outputs(autoencoder, record: dict | None):
+    """Appends the output of every encoder and decoder layer to `record["encoder"]` / `record["decoder"]` (forward
+    hooks, so that `encode`, `decode` and the sampler's partial decodes stay hook-free otherwise); None: nothing."""
+    if record is None:
+        yield
+        return
+    stacks = (("encoder", autoencoder.encoder.encoder_layers), ("decoder", autoencoder.decoder.decoder_layers))
+    hooks = [
+        layer.register_forward_hook(lambda module, args, output, key=key: record[key].append(output))
+        for key, layers in stacks
+        for layer in layers
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class CalmAutoencoderLayer(nn.Module):
@@ -312,6 +341,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         input_ids: torch.LongTensor,
         labels: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> CalmAutoencoderOutput | tuple:
         r"""
@@ -323,10 +353,16 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
                 `input_ids` (the official scripts use labels = input_ids, pads included).
             attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Positions with 0 are excluded from the loss and the accuracy (their labels become -100).
+            output_hidden_states (`bool`, *optional*):
+                Whether to return the output of every encoder and decoder layer; defaults to
+                `config.output_hidden_states`.
             return_dict (`bool`, *optional*):
                 Whether to return a [`CalmAutoencoderOutput`] instead of a tuple.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        record = {"encoder": [], "decoder": []} if output_hidden_states else None
         config = self.config
         check_input_ids(input_ids, self.config)
         if labels is None:
@@ -342,7 +378,8 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
             dropped = torch.rand_like(input_ids, dtype=torch.float) <= config.token_dropout
             encoder_ids = input_ids.masked_fill(dropped, config.token_dropout_replacement_id)
 
-        mean, log_std = self.encode(encoder_ids)
+        with recording_layer_outputs(self, record):
+            mean, log_std = self.encode(encoder_ids)
         std = log_std.exp()
         if self.training:
             latents = mean + torch.randn_like(mean) * std
@@ -355,7 +392,8 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         kl = 0.5 * (mean.pow(2) + std.pow(2) - 1 - 2 * log_std)
         kl_loss = kl.clamp(min=config.kl_clamp).sum(-1).mean()
 
-        logits = self.decode(latents).float()
+        with recording_layer_outputs(self, record):
+            logits = self.decode(latents).float()
         reconstruction_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(logits.device))
         loss = config.patch_size * reconstruction_loss + config.kl_weight * kl_loss
         with torch.no_grad():
@@ -371,6 +409,8 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
             logits=logits,
             latent_mean=mean,
             latent_log_std=log_std,
+            encoder_hidden_states=tuple(record["encoder"]) if record else None,
+            decoder_hidden_states=tuple(record["decoder"]) if record else None,
         )
         return output if return_dict else output.to_tuple()
 
