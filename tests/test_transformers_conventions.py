@@ -6,7 +6,7 @@ import pytest
 import torch
 from factories import tiny_autoencoder, tiny_calm_config
 from huggingface_hub import ModelCard
-from transformers import AutoModel, MistralConfig
+from transformers import AutoModel, DynamicCache, MistralConfig, StaticCache
 
 from transformers_calm import CalmConfig, CalmForCausalLM, CalmModel
 
@@ -121,3 +121,20 @@ def test_the_autoencoder_returns_every_layers_output_when_asked():
     with torch.no_grad():
         assert len(autoencoder(ids).encoder_hidden_states) == config.num_encoder_layers  # the config's default
     assert not autoencoder.encoder.encoder_layers[0]._forward_hooks  # no hook left behind
+
+
+@pytest.mark.parametrize("cache_class", [DynamicCache, StaticCache])
+def test_a_cache_built_from_the_models_config_works(cache_class):
+    """transformers' generic code and users build caches as `Cache(config=model.config)`: CalmConfig has the
+    backbone's layer count and attention sizes for it."""
+    config = tiny_calm_config()
+    model = CalmForCausalLM(config).eval()
+    ids = chunk_ids(config, chunks=4)
+    extra = {"max_cache_len": 8} if cache_class is StaticCache else {}
+    cache = cache_class(config=model.config, **extra)
+    with torch.no_grad():
+        full = model(input_ids=ids).last_hidden_state
+        first = model(input_ids=ids[:, :8], cache=cache, use_cache=True)
+        second = model(input_ids=ids[:, 8:], cache=first.cache, use_cache=True)
+    assert second.cache.get_seq_length() == 4
+    torch.testing.assert_close(torch.cat([first.last_hidden_state, second.last_hidden_state], 1), full)
