@@ -391,7 +391,7 @@ def args_of_model(name: str, args) -> argparse.Namespace:
     return model_args
 
 
-def pretrained_llama(args, corpus, eval_steps) -> tuple[LlamaForCausalLM, dict]:
+def pretrained_llama(args, corpus) -> tuple[LlamaForCausalLM, dict]:
     """A Llama of the benchmark's backbone trained for `--from_llama_steps` steps (with the Llama's learning rate and
     schedule, evaluated at its last step): the decoder a `-from-llama` CALM starts from."""
     if not args.from_llama_steps:
@@ -671,13 +671,20 @@ def unconditional_reference(train: torch.LongTensor, heldout: torch.LongTensor, 
     return point
 
 
+def autoencoder_settings(args) -> dict:
+    """What the autoencoder's training depends on besides the blocks: the key of a trained one, within a run (two
+    CALMs with the same settings share it) and in --ae_cache_dir. (An unset --ae_batch_size is --batch_size, already
+    in it.)"""
+    settings = {name: getattr(args, name) for name in AE_SETTINGS if getattr(args, name) is not None}
+    settings["ae_lr_scheduler_type"] = args.ae_lr_scheduler_type or args.lr_scheduler_type
+    return settings
+
+
 def trained_autoencoder(args, corpus) -> tuple[CalmAutoencoder, dict]:
     """The autoencoder trained on the corpus's blocks, and `{"flops", "seconds", "heldout_token_accuracy"}`. With
     `--ae_cache_dir`, an autoencoder trained before with the same settings on the same blocks is loaded instead (its
     FLOPs and seconds are those of its training: they still count)."""
-    # (an unset --ae_batch_size is --batch_size, already in the key)
-    ae_settings = {name: getattr(args, name) for name in AE_SETTINGS if getattr(args, name) is not None}
-    ae_settings["ae_lr_scheduler_type"] = args.ae_lr_scheduler_type or args.lr_scheduler_type
+    ae_settings = autoencoder_settings(args)
     key = hashlib.sha256(
         json.dumps(ae_settings, sort_keys=True).encode() + corpus["train"].numpy().tobytes()
     ).hexdigest()[:16]
@@ -1003,7 +1010,7 @@ def main(argv=None) -> dict:
             schedule = args.llama_lr_scheduler_type or args.lr_scheduler_type
             earlier = {}
         else:
-            ae_key = json.dumps({key: getattr(model_args, key) for key in AE_SETTINGS}, sort_keys=True)
+            ae_key = json.dumps(autoencoder_settings(model_args), sort_keys=True)
             if ae_key not in autoencoders:
                 autoencoders[ae_key] = trained_autoencoder(model_args, corpus)
             autoencoder, ae_run = autoencoders[ae_key]
@@ -1011,7 +1018,7 @@ def main(argv=None) -> dict:
             earlier = {"autoencoder_flops": ae_run["flops"], "autoencoder": ae_run}
             head_type = model_args.head_type
             if name.endswith(FROM_LLAMA):
-                llama, llama_run = pretrained_llama(model_args, corpus, eval_steps)
+                llama, llama_run = pretrained_llama(model_args, corpus)
                 results["models"].setdefault("llama-pretrained", llama_run)
                 earlier["pretrained_decoder_flops"] = llama_run["curve"][-1]["train_flops"]
                 model = build_calm(model_args, corpus, autoencoder, head_type, pretrained_decoder=llama)

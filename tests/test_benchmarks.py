@@ -431,3 +431,15 @@ def test_bench_quality_wikitext_defaults_are_the_demos(bench_quality):
     # Given values win over the corpus defaults.
     assert bench_quality.parse_args(["--corpus", "wikitext", "--latent_size", "32"]).latent_size == 32
     assert bench_quality.parse_args([]).latent_size == 32 and bench_quality.parse_args([]).head_lr_scale == 10.0
+
+
+def test_two_calms_share_an_autoencoder_only_with_the_same_autoencoder_settings(bench_quality):
+    """The in-run reuse and --ae_cache_dir key on the same settings, the autoencoder's schedule included: on the
+    synthetic corpus `calm-recipe` trains its autoencoder with a cosine schedule, `calm-energy` with the run's."""
+    args = bench_quality.parse_args([])
+    energy, flow, recipe = (bench_quality.args_of_model(n, args) for n in ("calm-energy", "calm-flow", "calm-recipe"))
+    settings = bench_quality.autoencoder_settings
+    assert settings(energy) == settings(flow)
+    assert settings(recipe) != settings(energy)
+    assert settings(recipe)["ae_lr_scheduler_type"] == "cosine"
+    assert settings(energy)["ae_lr_scheduler_type"] == args.lr_scheduler_type
