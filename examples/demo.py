@@ -346,8 +346,8 @@ def train_calm_stage(args, data_paths):
     if metrics["eval_brierlm"] == 0:
         print(
             "(BrierLM 0: at this size and budget CALM's samples rarely match the reference on four tokens; the same-size "
-            "Llama below does better. benchmarks/bench_quality.py measures both, and the README's 'CALM that learns at "
-            "small scale' says what was tried.)"
+            "Llama below does better. benchmarks/bench_quality.py measures both, and docs/small-scale.md says what was "
+            "tried.)"
         )
     return trainer, metrics
 

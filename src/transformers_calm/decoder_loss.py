@@ -18,6 +18,8 @@ What is scored, per head (`CalmConfig.decoder_loss_weight` > 0 turns it on):
   prediction of the target given the backbone state and the noisy latent, so its cross-entropy is a proper log loss.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -59,8 +61,7 @@ def decoder_token_loss(
     """
     log_probs = token_log_probs(decoder, latents, target_ids)  # (S, ..., K)
     if mixture:
-        num = log_probs.shape[0]
-        per_token = -(torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(num))))
+        per_token = math.log(log_probs.shape[0]) - torch.logsumexp(log_probs, dim=0)
     else:
         per_token = -log_probs.mean(0)
     return per_token.mean(-1)

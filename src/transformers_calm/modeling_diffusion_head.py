@@ -180,11 +180,11 @@ class CalmDiffusionHead(nn.Module):
         # Draw order as the official DiffLoss: t, then the noise (rows sample-major).
         t = torch.randint(0, NUM_TRAIN_STEPS, (flat_targets.shape[0],), device=targets.device, generator=generator)
         noise = torch.randn(flat_targets.shape, device=targets.device, dtype=flat_targets.dtype, generator=generator)
+        if not return_estimate:
+            mse, vb = self.sample_loss(flat_targets, flat_c, t, noise)
+            return {"loss": (mse + vb).view(targets.shape[:-1]).mean(0)}
         mse, vb, estimate = self.sample_loss(flat_targets, flat_c, t, noise, return_estimate=True)
-        terms = {"loss": (mse + vb).view(targets.shape[:-1]).mean(0)}
-        if return_estimate:
-            terms["estimate"] = estimate.view(targets.shape)
-        return terms
+        return {"loss": (mse + vb).view(targets.shape[:-1]).mean(0), "estimate": estimate.view(targets.shape)}
 
     def sample_loss(self, target, c, t, noise, return_estimate=False):
         """Per-sample `(mse, vb)` `(rows,)` for given steps and noise (the official `training_losses`); with

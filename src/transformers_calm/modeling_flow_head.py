@@ -217,11 +217,10 @@ class CalmFlowHead(nn.Module):
         # Draw order as the official FlowLoss: t, then x0 (rows sample-major).
         t = torch.rand(flat_targets.shape[0], device=targets.device, generator=generator)
         x0 = torch.randn(flat_targets.shape, device=targets.device, dtype=flat_targets.dtype, generator=generator)
+        if not return_estimate:
+            return {"loss": self.sample_loss(flat_targets, flat_c, t, x0).view(targets.shape[:-1]).mean(0)}
         per_sample, estimate = self.sample_loss(flat_targets, flat_c, t, x0, return_estimate=True)
-        terms = {"loss": per_sample.view(targets.shape[:-1]).mean(0)}
-        if return_estimate:
-            terms["estimate"] = estimate.view(targets.shape)
-        return terms
+        return {"loss": per_sample.view(targets.shape[:-1]).mean(0), "estimate": estimate.view(targets.shape)}
 
     def sample_loss(self, target, c, t, x0, return_estimate=False):
         """Per-sample loss `(rows,)` for given times and starting points (the official `FlowLoss.forward`); with

@@ -1,8 +1,8 @@
 """An auxiliary token loss on the backbone's states (not in the paper): multi-token prediction of the next chunk.
 
 At small scale CALM's backbone learns only from the generative head's loss in latent space, and its states end up
-knowing less about the next tokens than a same-size Llama's (a linear probe of the final states says so: README,
-"CALM that learns at small scale"). This loss gives the backbone the Llama's own signal: a softmax over the vocabulary
+knowing less about the next tokens than a same-size Llama's (a linear probe of the final states says so:
+docs/small-scale.md). This loss gives the backbone the Llama's own signal: a softmax over the vocabulary
 for each of the K tokens of the next chunk, read from the state that conditions the head, as multi-token prediction
 does (Gloeckle et al., 2024, arXiv 2404.19737) and as praxis trains its CALM encoder beside the energy head (an
 auxiliary next-code cross-entropy). It is used in training only: generation stays likelihood-free (the head samples

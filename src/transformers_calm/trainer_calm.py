@@ -94,7 +94,7 @@ class CalmMetrics:
         column = {name: rows[:, index] for index, name in enumerate(STATISTICS)}
         num_positions = column["num_positions"].sum().clamp(min=1)
         briers = [float(column[f"brier{n}_sum"].sum() / num_positions) for n in range(1, MAX_N + 1)]
-        # The energy terms exist for the energy head only, the decoder loss where it is on (other columns are NaN).
+        # The energy terms exist for the energy head only, the auxiliary losses where they are on (other columns: NaN).
         names = ("energy_fidelity", "energy_diversity", "decoder_loss", "token_loss")
         terms = {name: float(column[name].mean()) for name in names}
         metrics = {

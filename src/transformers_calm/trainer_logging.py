@@ -34,11 +34,11 @@ class LossTermsLoggingMixin:
         present = [value for value in values if value is not None]
         if not present:
             return
-        zero = torch.zeros((), device=present[0].device)
+        zero, one = torch.zeros((), device=present[0].device), torch.ones((), device=present[0].device)
         terms = torch.stack(
             [
                 torch.stack([zero if value is None else value.detach().float().mean() for value in values]),
-                torch.stack([zero if value is None else zero + 1 for value in values]),
+                torch.stack([zero if value is None else one for value in values]),
             ]
         )
         self._loss_term_sums = terms if self._loss_term_sums is None else self._loss_term_sums + terms
