@@ -147,8 +147,3 @@ def test_the_callers_backbone_config_is_not_changed():
     assert (backbone.vocab_size, backbone.pad_token_id) == (32000, 31999)
     assert CalmConfig(backbone_config=backbone) == CalmConfig(backbone_config=backbone)
     assert CalmConfig(backbone_config=backbone, num_samples=8) != CalmConfig(backbone_config=backbone, num_samples=16)
-
-
-def test_resizing_the_vocabulary_says_why_it_cannot():
-    with pytest.raises(NotImplementedError, match="vocabulary is its frozen autoencoder's"):
-        make("llama").resize_token_embeddings(120)

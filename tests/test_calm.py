@@ -146,9 +146,11 @@ def test_config_single_source_of_truth():
     assert isinstance(ae, CalmAutoencoderConfig) and isinstance(backbone, LlamaConfig)
     assert (config.vocab_size, config.patch_size, config.latent_size, config.pad_token_id) == (77, 5, 9, 3)
     assert (backbone.vocab_size, backbone.pad_token_id) == (77, 3)
-    for name in ("vocab_size", "patch_size", "latent_size"):
+    for name in ("patch_size", "latent_size"):
         with pytest.raises(AttributeError):
             setattr(config, name, 1)
+    config.vocab_size = 80  # as resize_token_embeddings does: both vocabularies
+    assert (ae.vocab_size, backbone.vocab_size) == (80, 80)
     config.eos_token_id = 4  # as tokenizers and pipelines do: it lands on the autoencoder
     assert ae.eos_token_id == 4 and "eos_token_id" not in config.to_diff_dict()
     assert CalmConfig.from_dict(config.to_dict()).autoencoder_config.eos_token_id == 4

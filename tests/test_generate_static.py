@@ -11,7 +11,7 @@ from transformers import CompileConfig, EosTokenCriteria, MaxLengthCriteria, Sto
 from transformers.cache_utils import StaticCache
 
 from transformers_calm.compat import cache_max_length
-from transformers_calm.generation_calm import _append_chunk
+from transformers_calm.generation_steps import _append_chunk
 
 
 @pytest.fixture(scope="module")

@@ -187,8 +187,6 @@ ACTIVE = {
     "dola_layers": "low",
     "prompt_lookup_num_tokens": 3,
     "assistant_early_exit": 1,
-    "output_attentions": True,
-    "output_hidden_states": True,
     "watermarking_config": WatermarkingConfig(),
     "cache_implementation": "offloaded",
     "token_healing": True,
@@ -343,8 +341,8 @@ def test_left_padding_is_inferred_from_the_pad_id_without_a_mask(model):
     assert torch.equal(inferred, masked)
 
 
-def test_continuing_from_a_cache_is_rejected(model):
-    with pytest.raises(ValueError, match="continuing from a given cache is not supported"):
+def test_a_cache_that_is_not_a_cache_is_rejected(model):
+    with pytest.raises(ValueError, match="must be a transformers Cache"):
         model.generate(prompt(3), max_new_tokens=K, past_key_values=object())
 
 

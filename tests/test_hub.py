@@ -57,6 +57,8 @@ CALM_MODULES = AE_MODULES | {
     "decoder_loss.py",
     "generation_calm.py",
     "generation_configuration_calm.py",
+    "generation_steps.py",
+    "input_compression.py",
     "modeling_calm.py",
     "modeling_diffusion_head.py",
     "modeling_energy_head.py",

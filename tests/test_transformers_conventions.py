@@ -85,10 +85,39 @@ def test_outputs_follow_the_configs_output_flags(model_class):
     assert out.hidden_states is None and out.attentions is None  # the argument wins over the config
 
 
-@pytest.mark.parametrize("model_class", [CalmModel, CalmForCausalLM])
-def test_resizing_the_embeddings_is_a_clear_error(model_class):
-    with pytest.raises(NotImplementedError, match="from_autoencoder"):
-        model_class(tiny_calm_config()).resize_token_embeddings(10)
+def test_resizing_the_vocabulary_resizes_every_table_of_it_and_loads(tmp_path):
+    config = tiny_calm_config(token_loss_weight=0.5)
+    model = CalmForCausalLM(config).eval()
+    old = {
+        "backbone": model.get_input_embeddings().weight.clone(),
+        "encoder": model.autoencoder.get_input_embeddings().weight.clone(),
+        "decoder": model.autoencoder.get_output_embeddings().weight.clone(),
+        "token_loss": model.token_loss_head.unembedding.weight.clone(),
+    }
+    size = config.vocab_size + 3
+    model.resize_token_embeddings(size)
+    new = {
+        "backbone": model.get_input_embeddings().weight,
+        "encoder": model.autoencoder.get_input_embeddings().weight,
+        "decoder": model.autoencoder.get_output_embeddings().weight,
+        "token_loss": model.token_loss_head.unembedding.weight,
+    }
+    for name, weight in new.items():
+        assert weight.shape[0] == size, name
+        torch.testing.assert_close(weight[: size - 3], old[name], msg=name)  # the old tokens keep their rows
+    assert (model.config.vocab_size, model.config.backbone_config.vocab_size) == (size, size)
+    assert model.autoencoder.config.vocab_size == size
+    assert not any(p.requires_grad for p in model.autoencoder.parameters())  # still frozen
+    ids = chunk_ids(model.config)
+    ids[:, -1] = size - 1  # a new token is read and can be a target
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    model.save_pretrained(tmp_path)
+    loaded = CalmForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.vocab_size == size
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state
+        )
 
 
 def test_shift_labels_are_refused_not_dropped():
@@ -105,21 +134,22 @@ def test_the_autoencoder_returns_every_layers_output_when_asked():
     with torch.no_grad():
         out = autoencoder(ids, output_hidden_states=True)
         plain = autoencoder(ids)
-    assert plain.encoder_hidden_states is None and plain.decoder_hidden_states is None
+    assert plain.hidden_states is None
     torch.testing.assert_close(out.logits, plain.logits)  # recording changes nothing
-    half = config.num_encoder_layers // 2
-    assert len(out.encoder_hidden_states) == config.num_encoder_layers
-    assert out.encoder_hidden_states[0].shape == (2, 3, config.patch_size, config.hidden_size)
-    assert out.encoder_hidden_states[half].shape == (2, 3, config.hidden_size)
-    assert len(out.decoder_hidden_states) == config.num_decoder_layers
-    assert out.decoder_hidden_states[-1].shape == (2, 3 * config.patch_size, config.hidden_size)
+    encoder_half, decoder_half = config.num_encoder_layers // 2, config.num_decoder_layers // 2
+    assert len(out.hidden_states) == 1 + config.num_encoder_layers + config.num_decoder_layers
+    tokens, chunks = (2, 3 * config.patch_size, config.hidden_size), (2, 3, config.hidden_size)
+    # Embeddings and the encoder's per-token half, then the per-chunk halves, then the decoder's per-token half.
+    shapes = [tokens] * (1 + encoder_half) + [chunks] * (encoder_half + decoder_half) + [tokens] * decoder_half
+    assert [tuple(h.shape) for h in out.hidden_states] == shapes
+    torch.testing.assert_close(out.hidden_states[0], autoencoder.encoder.embed_tokens(ids))
     # The last decoder layer's output, normalised, is what the output layer reads.
     torch.testing.assert_close(
-        autoencoder.decoder.lm_head(autoencoder.decoder.norm(out.decoder_hidden_states[-1])).float(), out.logits
+        autoencoder.decoder.lm_head(autoencoder.decoder.norm(out.hidden_states[-1])).float(), out.logits
     )
     autoencoder.config.output_hidden_states = True
     with torch.no_grad():
-        assert len(autoencoder(ids).encoder_hidden_states) == config.num_encoder_layers  # the config's default
+        assert len(autoencoder(ids).hidden_states) == len(shapes)  # the config's default
     assert not autoencoder.encoder.encoder_layers[0]._forward_hooks  # no hook left behind
 
 

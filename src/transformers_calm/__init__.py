@@ -13,7 +13,7 @@ from .modeling_calm import CalmCausalLMOutputWithPast, CalmForCausalLM, CalmMode
 from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput, CalmAutoencoderPreTrainedModel
 from .modeling_energy_head import CalmEnergyHead
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 AutoConfig.register(CalmAutoencoderConfig.model_type, CalmAutoencoderConfig, exist_ok=True)
 AutoModel.register(CalmAutoencoderConfig, CalmAutoencoder, exist_ok=True)

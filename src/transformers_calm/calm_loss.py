@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .decoder_loss import decoder_token_loss
+from .modeling_calm_autoencoder import id_outside_vocabulary
 from .modeling_energy_head import energy_score_terms
 
 
@@ -32,6 +33,26 @@ class CalmHeadLoss(NamedTuple):
     energy_diversity: torch.Tensor | None
     decoder_loss: torch.Tensor | None
     token_loss: torch.Tensor | None
+
+
+def check_labels(labels: torch.LongTensor, chunk_shape: tuple[int, int], config) -> None:
+    """Labels `(batch, num_chunks * K)` for inputs of `chunk_shape = (batch, num_chunks)`: ids in the vocabulary or
+    -100, and at least two chunks (chunk i + 1 is predicted from chunks 0..i); otherwise an error that says how."""
+    K = config.patch_size
+    tokens = (chunk_shape[0], chunk_shape[1] * K)
+    if tuple(labels.shape) != tokens:
+        raise ValueError(f"labels {tuple(labels.shape)} must have one entry per input token: shape {tokens}.")
+    bad = id_outside_vocabulary(labels, config.vocab_size, ignore_index=-100)
+    if bad is not None:
+        raise ValueError(
+            f"labels contain the token id {bad}, outside the vocabulary [0, {config.vocab_size}); use -100 for "
+            "positions to ignore, and the tokenizer the autoencoder was trained with."
+        )
+    if tokens[1] < 2 * K:
+        raise ValueError(
+            f"The energy loss needs at least two chunks (2 * K = {2 * K} tokens): chunk i + 1 is predicted from "
+            f"chunks 0..i; got sequence_length {tokens[1]}."
+        )
 
 
 def head_loss(
@@ -94,4 +115,4 @@ def head_loss(
     return CalmHeadLoss(loss, fidelity, diversity, decoder_loss, token_loss)
 
 
-__all__ = ["CalmHeadLoss", "head_loss"]
+__all__ = ["CalmHeadLoss", "check_labels", "head_loss"]

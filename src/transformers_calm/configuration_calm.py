@@ -291,7 +291,7 @@ class CalmConfig(PreTrainedConfig):
     __eq__ = CalmAutoencoderConfig.__eq__
     __hash__ = None
 
-    # One source of truth: the autoencoder. Read-only, so that they cannot drift apart.
+    # One source of truth: the autoencoder. K and l are read-only, so that they cannot drift apart.
     @property
     def patch_size(self) -> int:
         """K, tokens per chunk (the autoencoder's)."""
@@ -306,6 +306,12 @@ class CalmConfig(PreTrainedConfig):
     def vocab_size(self) -> int:
         """Number of token ids (the autoencoder's)."""
         return self.autoencoder_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value):
+        # As `resize_token_embeddings` sets it: the vocabulary of the autoencoder and of the backbone's embedding.
+        self.autoencoder_config.vocab_size = value
+        self.backbone_config.vocab_size = value
 
     # The special tokens can be set (tokenizers and pipelines do `config.pad_token_id = ...`): on the autoencoder,
     # and the pad also on the backbone, whose embedding keeps the pad row at zero.

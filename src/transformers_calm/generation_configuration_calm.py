@@ -37,8 +37,6 @@ UNSUPPORTED_OPTIONS = {
     "dola_layers": f"DoLa contrasts the logits of layers ({_NO_LIKELIHOOD})",
     "prompt_lookup_num_tokens": "assisted decoding verifies draft tokens with likelihoods, which CALM does not have",
     "assistant_early_exit": "assisted decoding verifies draft tokens with likelihoods, which CALM does not have",
-    "output_attentions": "generate() does not return backbone attentions yet; call the model's forward for them",
-    "output_hidden_states": "generate() does not return hidden states yet; call the model's forward for them",
     "cache_implementation": (
         "generate() runs the backbone on a 'dynamic' (the default) or a 'static' cache (for torch.compile); offloaded "
         "and quantized caches are not supported yet"
@@ -64,8 +62,6 @@ _INACTIVE = {
     "renormalize_logits": (None, False),
     "output_scores": (None, False),
     "output_logits": (None, False),
-    "output_attentions": (None, False),
-    "output_hidden_states": (None, False),
 }
 
 

@@ -18,12 +18,13 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .calm_loss import CalmHeadLoss, head_loss
-from .compat import CACHE_NAME, cache_max_length
+from .calm_loss import CalmHeadLoss, check_labels, head_loss
+from .compat import CACHE_NAME
 from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin
 from .generation_configuration_calm import CalmGenerationConfig
-from .modeling_calm_autoencoder import CalmAutoencoder, check_input_ids, id_outside_vocabulary
+from .input_compression import chunk_masks, compress_chunks, input_compression
+from .modeling_calm_autoencoder import CalmAutoencoder, check_input_ids
 from .modeling_diffusion_head import CalmDiffusionHead
 from .modeling_energy_head import CalmEnergyHead, CalmEnergyHeadOutputLayer
 from .modeling_flow_head import CalmAdaLNLinear, CalmFlowHead
@@ -120,13 +121,6 @@ class CalmPreTrainedModel(PreTrainedModel):
     # The energy loss is a per-batch mean: Trainer must divide it by gradient_accumulation_steps itself.
     accepts_loss_kwargs = False
 
-    def resize_token_embeddings(self, *args, **kwargs):
-        raise NotImplementedError(
-            "CALM's vocabulary is its frozen autoencoder's (vocab_size, the decoder's output layer, K and l come from "
-            "it), so the token embeddings cannot be resized. Train an autoencoder with the new tokenizer, then a "
-            "language model around it (CalmForCausalLM.from_autoencoder)."
-        )
-
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, CalmEnergyHeadOutputLayer):
@@ -146,14 +140,7 @@ class CalmModel(CalmPreTrainedModel):
         super().__init__(config)
         # The backbone's own token embedding (padding_idx = the pad token) is CALM's input embedding.
         self.backbone = AutoModel.from_config(config.backbone_config)
-        # Input compression: the K token embeddings of a chunk, concatenated in token order, to one vector.
-        hidden_size = config.hidden_size
-        self.embed_proj = nn.Sequential(
-            nn.Linear(config.patch_size * hidden_size, 2 * hidden_size),
-            nn.SiLU(),
-            nn.Linear(2 * hidden_size, hidden_size),
-            nn.LayerNorm(hidden_size, eps=1e-6),
-        )
+        self.embed_proj = input_compression(config.hidden_size, config.patch_size)  # `input_compression.py`
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -163,16 +150,14 @@ class CalmModel(CalmPreTrainedModel):
         self.backbone.set_input_embeddings(value)
 
     def embed_chunks(self, input_ids: torch.LongTensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Input vectors `(batch, num_chunks, hidden_size)` of token ids `(batch, num_chunks * K)`.
-
-        Tokens where `token_mask` is 0 contribute a zero embedding, whatever their id (the official model reads its
-        `[PAD]` id, whose embedding row is zero), so a partly padded chunk is read the same way for any pad id.
-        """
+        """Input vectors `(batch, num_chunks, hidden_size)` of token ids `(batch, num_chunks * K)`."""
         check_input_ids(input_ids, self.config)
-        embeddings = self.get_input_embeddings()(input_ids)
-        if token_mask is not None:
-            embeddings = embeddings * token_mask.unsqueeze(-1).to(embeddings.dtype)
-        return self.embed_proj(embeddings.unflatten(1, (-1, self.config.patch_size)).flatten(-2))
+        return self.compress_chunks(self.get_input_embeddings()(input_ids), token_mask)
+
+    def compress_chunks(self, inputs_embeds: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings `(batch, num_chunks * K, hidden_size)` to input vectors `(batch, num_chunks, hidden_size)`;
+        tokens where `token_mask` is 0 contribute a zero embedding ([`~input_compression.compress_chunks`])."""
+        return compress_chunks(self.embed_proj, inputs_embeds, self.config.patch_size, token_mask)
 
     @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
     def forward(
@@ -186,6 +171,7 @@ class CalmModel(CalmPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         chunk_attention_mask: torch.Tensor | None = None,
+        chunk_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CalmModelOutputWithPast | tuple:
         r"""
@@ -200,8 +186,10 @@ class CalmModel(CalmPreTrainedModel):
             cache (`Cache`, *optional*):
                 Key/value cache of earlier chunks (e.g. a `DynamicCache`, or the `cache` of an earlier output).
                 `past_key_values`, its name before transformers 5.24, is accepted with a deprecation warning.
-            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`, *optional*):
-                Already compressed chunk vectors, instead of `input_ids`.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Token embeddings instead of `input_ids` (as `get_input_embeddings()(input_ids)`), compressed per chunk
+                as the ids' embeddings are. In transformers-calm 0.2 and earlier it took chunk vectors: pass those as
+                `chunk_embeds`.
             use_cache (`bool`, *optional*):
                 Whether to return the key/value cache.
             output_hidden_states (`bool`, *optional*):
@@ -212,55 +200,36 @@ class CalmModel(CalmPreTrainedModel):
                 One entry per chunk instead of `attention_mask` (not both): 0 hides a whole chunk. With a static
                 cache it may also span the cache's whole length (`(batch_size, max_cache_len)`), the same shape at
                 every step.
+            chunk_embeds (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`, *optional*):
+                The backbone's input vectors themselves (already compressed chunks), instead of `input_ids`.
             kwargs:
                 Passed on to the backbone (e.g. `output_attentions`).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if attention_mask is not None and chunk_attention_mask is not None:
-            raise ValueError("Pass attention_mask (one entry per token) or chunk_attention_mask (per chunk), not both.")
+        if sum(x is not None for x in (input_ids, inputs_embeds, chunk_embeds)) != 1:
+            raise ValueError(
+                "Pass exactly one of input_ids (token ids), inputs_embeds (token embeddings) or chunk_embeds (one "
+                "compressed vector per chunk)."
+            )
         K = self.config.patch_size
-        inputs = input_ids if inputs_embeds is None else inputs_embeds
-        batch_size, num_chunks = inputs.shape[0], inputs.shape[1] // K if inputs_embeds is None else inputs.shape[1]
-        # A static cache (transformers' `StaticCache`) has a fixed length; a chunk mask over all of it keeps the shapes
-        # of every decoding step the same, which a compiled step needs (slots after the current chunk are hidden by
-        # causality). Its length so far is a tensor: it is read only where a mask has to be checked against it.
-        full_static_mask = (
-            chunk_attention_mask is not None
-            and cache is not None
-            and cache.is_compileable
-            and chunk_attention_mask.shape == (batch_size, cache_max_length(cache))
-        )
-        past = cache.get_seq_length() if cache is not None and not full_static_mask else 0
-        if attention_mask is not None:
-            if attention_mask.shape != (batch_size, (past + num_chunks) * K):
-                raise ValueError(
-                    f"attention_mask must have one entry per token, past included: shape ({batch_size}, "
-                    f"{(past + num_chunks) * K}) for {past} cached and {num_chunks} new chunks of K = {K}, got "
-                    f"{tuple(attention_mask.shape)}. For one entry per chunk pass chunk_attention_mask instead."
-                )
-            token_mask = attention_mask[:, past * K :]
-            chunk_attention_mask = attention_mask.unflatten(1, (-1, K)).any(-1).to(attention_mask.dtype)
+        if chunk_embeds is not None:
+            batch_size, num_chunks = chunk_embeds.shape[:2]
         else:
-            token_mask = None
-            if (
-                chunk_attention_mask is not None
-                and not full_static_mask
-                and chunk_attention_mask.shape != (batch_size, past + num_chunks)
-            ):
-                raise ValueError(
-                    f"chunk_attention_mask must have one entry per chunk, past included: shape ({batch_size}, "
-                    f"{past + num_chunks}), got {tuple(chunk_attention_mask.shape)}."
-                )
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_chunks(input_ids, token_mask)
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            batch_size, num_chunks = inputs.shape[0], inputs.shape[1] // K
+        token_mask, chunk_attention_mask = chunk_masks(
+            attention_mask, chunk_attention_mask, cache, batch_size, num_chunks, K
+        )
+        if input_ids is not None:
+            chunk_embeds = self.embed_chunks(input_ids, token_mask)
+        elif inputs_embeds is not None:
+            chunk_embeds = self.compress_chunks(inputs_embeds, token_mask)
         if self.training and self.config.input_noise_std > 0:  # not the official method (0.0); see CalmConfig
-            inputs_embeds = inputs_embeds + self.config.input_noise_std * torch.randn_like(inputs_embeds)
+            chunk_embeds = chunk_embeds + self.config.input_noise_std * torch.randn_like(chunk_embeds)
         # Unset, they follow this config (as in any transformers model), not the backbone's own.
         if kwargs.get("output_attentions") is None:
             kwargs["output_attentions"] = self.config.output_attentions
         outputs = self.backbone(
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=chunk_embeds,
             attention_mask=chunk_attention_mask,
             position_ids=position_ids,
             use_cache=self.config.use_cache if use_cache is None else use_cache,
@@ -290,6 +259,9 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
     methods (`sample_latents`, `decode_latents`, `sample_chunks`, `sample_head_noise`, `encode_chunks`) are the
     public way to draw from the model, used by `generate`, `CalmTrainer` and BrierLM alike.
     """
+
+    # The static-cache decoding step, head and samplers included, compiles in one graph (test_generation_common.py).
+    _can_compile_fullgraph = True
 
     def __init__(self, config: CalmConfig):
         super().__init__(config)
@@ -329,6 +301,20 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
     def set_input_embeddings(self, value: nn.Embedding):
         self.model.set_input_embeddings(value)
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True) -> nn.Embedding:
+        """transformers' `resize_token_embeddings`, for every table of CALM's vocabulary: the backbone's token
+        embedding, the autoencoder's (its encoder's embedding, its decoder's output layer) and the auxiliary token
+        loss's. The new tokens' rows start at the mean of the old ones; the autoencoder reads and writes them only
+        once it is trained on text that has them."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        size = embeddings.num_embeddings
+        self.autoencoder.resize_token_embeddings(size, mean_resizing=mean_resizing)
+        if hasattr(self, "token_loss_head"):
+            old = self.token_loss_head.unembedding
+            self.token_loss_head.unembedding = self._get_resized_lm_head(old, size, mean_resizing=mean_resizing)
+        self._freeze_autoencoder()
+        return embeddings
+
     @classmethod
     def from_autoencoder(cls, autoencoder: CalmAutoencoder, config: CalmConfig | None = None, **config_kwargs):
         """A new, randomly initialised language model around a trained (frozen) autoencoder.
@@ -353,29 +339,8 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         model.autoencoder.load_state_dict(autoencoder.state_dict())
         return model.to(autoencoder.dtype)
 
-    @classmethod
-    def from_pretrained_decoder(
-        cls, model_or_path, autoencoder: CalmAutoencoder, init_input_compression: bool = False, **kwargs
-    ) -> "CalmForCausalLM":
-        """A new CALM whose backbone starts from a pretrained token-level decoder (not in the paper; see
-        `pretrained_decoder.py`): its decoder layers, final norm, rotary settings and token embeddings; a new head.
-
-        Args:
-            model_or_path (`PreTrainedModel` or `str`):
-                A decoder-only causal LM (e.g. `LlamaForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`) or its base
-                model, or a path / Hub id that `AutoModelForCausalLM.from_pretrained` loads. Its vocabulary must be the
-                autoencoder's (the same tokenizer).
-            autoencoder ([`CalmAutoencoder`]):
-                The trained autoencoder; its config defines K, l, the vocabulary and the special tokens.
-            init_input_compression (`bool`, *optional*, defaults to `False`):
-                Start the input compression as the chunk's last token embedding (the token the pretrained model read
-                before the next one) instead of randomly, as in a new CALM. Measured worse on WikiText at the demo's
-                budget (docs/small-scale.md), hence off.
-            kwargs:
-                CALM's own `CalmConfig` fields (`head_type`, `num_mlp_layers`, ...), and `revision`, `dtype`,
-                `trust_remote_code` when loading from a path.
-        """
-        return calm_from_pretrained_decoder(cls, model_or_path, autoencoder, init_input_compression, **kwargs)
+    # A new CALM on a pretrained token-level decoder (not in the paper): documented in `pretrained_decoder.py`.
+    from_pretrained_decoder = classmethod(calm_from_pretrained_decoder)
 
     @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
     def forward(
@@ -389,6 +354,8 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         return_dict: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         chunk_attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        chunk_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CalmCausalLMOutputWithPast | tuple:
         r"""
@@ -416,6 +383,10 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
                 Chunk positions.
             chunk_attention_mask (`torch.Tensor` of shape `(batch_size, past_chunks + num_chunks)`, *optional*):
                 One entry per chunk instead of `attention_mask` (see [`CalmModel.forward`]).
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Token embeddings instead of `input_ids`, compressed per chunk as the ids' are.
+            chunk_embeds (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`, *optional*):
+                The backbone's input vectors (compressed chunks) instead of `input_ids`.
         """
         if kwargs.pop("shift_labels", None) is not None:  # transformers' token models take them; CALM would drop them
             raise ValueError(
@@ -434,28 +405,15 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
             output_hidden_states=output_hidden_states,
             return_dict=True,
             chunk_attention_mask=chunk_attention_mask,
+            inputs_embeds=inputs_embeds,
+            chunk_embeds=chunk_embeds,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
 
         terms = CalmHeadLoss(None, None, None, None, None)
         if labels is not None:
-            if input_ids is None or labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"labels {tuple(labels.shape)} must have the shape of input_ids "
-                    f"{None if input_ids is None else tuple(input_ids.shape)}."
-                )
-            bad = id_outside_vocabulary(labels, self.config.vocab_size, ignore_index=-100)
-            if bad is not None:
-                raise ValueError(
-                    f"labels contain the token id {bad}, outside the vocabulary [0, {self.config.vocab_size}); use "
-                    "-100 for positions to ignore, and the tokenizer the autoencoder was trained with."
-                )
-            if input_ids.shape[1] < 2 * self.config.patch_size:
-                raise ValueError(
-                    f"The energy loss needs at least two chunks (2 * K = {2 * self.config.patch_size} tokens): "
-                    f"chunk i + 1 is predicted from chunks 0..i; got sequence_length {input_ids.shape[1]}."
-                )
+            check_labels(labels, hidden_states.shape[:2], self.config)
             token_mask = attention_mask if attention_mask is not None and cache is None else None
             terms = self.head_loss(hidden_states[:, :-1], labels, token_mask)
 

@@ -81,12 +81,10 @@ class CalmAutoencoderOutput(ModelOutput):
             Posterior mean of every chunk.
         latent_log_std (`torch.FloatTensor` of shape `(batch_size, sequence_length // patch_size, latent_size)`):
             Posterior log standard deviation of every chunk.
-        encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The output of every encoder layer, in order: the first half per token, `(batch_size, num_chunks,
-            patch_size, hidden_size)`, the second half per chunk, `(batch_size, num_chunks, hidden_size)`.
-        decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The output of every decoder layer, in order: the first half per chunk, `(batch_size, num_chunks,
-            hidden_size)`, the second half per token, `(batch_size, sequence_length, hidden_size)`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            In the order they run: the token embeddings, then the output of every encoder layer and of every decoder
+            layer; per-token ones (the encoder's first half, the decoder's second half, the embeddings) of shape
+            `(batch_size, sequence_length, hidden_size)`, per-chunk ones `(batch_size, num_chunks, hidden_size)`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -96,23 +94,23 @@ class CalmAutoencoderOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     latent_mean: torch.FloatTensor | None = None
     latent_log_std: torch.FloatTensor | None = None
-    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @contextmanager
-def recording_layer_outputs(autoencoder, record: dict | None):
-    """Appends the output of every encoder and decoder layer to `record["encoder"]` / `record["decoder"]` (forward
-    hooks, so that `encode`, `decode` and the sampler's partial decodes stay hook-free otherwise); None: nothing."""
+def recording_layer_outputs(autoencoder, record: list | None):
+    """Appends to `record`, in the order they run, the token embeddings and the output of every encoder and decoder
+    layer (forward hooks, so that `encode`, `decode` and the sampler's partial decodes stay hook-free otherwise);
+    None: nothing."""
     if record is None:
         yield
         return
-    stacks = (("encoder", autoencoder.encoder.encoder_layers), ("decoder", autoencoder.decoder.decoder_layers))
-    hooks = [
-        layer.register_forward_hook(lambda module, args, output, key=key: record[key].append(output))
-        for key, layers in stacks
-        for layer in layers
+    modules = [
+        autoencoder.encoder.embed_tokens,
+        *autoencoder.encoder.encoder_layers,
+        *autoencoder.decoder.decoder_layers,
     ]
+    hooks = [module.register_forward_hook(lambda module, args, output: record.append(output)) for module in modules]
     try:
         yield
     finally:
@@ -133,7 +131,7 @@ class CalmAutoencoderLayer(nn.Module):
 
 
 class CalmEncoder(nn.Module):
-    """Token ids `(batch, num_chunks, K)` -> posterior parameters `(batch, num_chunks, 2 * latent_size)`."""
+    """Token ids `(batch, num_chunks * K)` -> posterior parameters `(batch, num_chunks, 2 * latent_size)`."""
 
     def __init__(self, config: CalmAutoencoderConfig):
         super().__init__()
@@ -144,15 +142,16 @@ class CalmEncoder(nn.Module):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hidden_to_latent = nn.Linear(config.hidden_size, 2 * config.latent_size)
 
-    def forward(self, chunk_ids: torch.LongTensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(chunk_ids)
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
         if self.training and self.config.cast_embeddings_to_bf16_in_training:
             hidden_states = hidden_states.to(torch.bfloat16)
         half = self.config.num_encoder_layers // 2
         for layer in self.encoder_layers[:half]:  # per token
             hidden_states = layer(hidden_states)
         # Concatenate the K token vectors of a chunk, in token order, into one vector.
-        hidden_states = self.squeeze_layer(hidden_states.flatten(-2).to(self.squeeze_layer.weight.dtype))
+        hidden_states = hidden_states.unflatten(1, (-1, self.config.patch_size)).flatten(-2)
+        hidden_states = self.squeeze_layer(hidden_states.to(self.squeeze_layer.weight.dtype))
         for layer in self.encoder_layers[half:]:  # per chunk
             hidden_states = layer(hidden_states)
         return self.hidden_to_latent(self.norm(hidden_states))
@@ -306,8 +305,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
             `(mean, log_std)`, each of shape `(batch_size, sequence_length // patch_size, latent_size)`.
         """
         check_input_ids(input_ids, self.config)
-        chunk_ids = input_ids.unflatten(1, (-1, self.patch_size))
-        return self.encoder(chunk_ids).chunk(2, dim=-1)
+        return self.encoder(input_ids).chunk(2, dim=-1)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Token logits of latent vectors.
@@ -354,15 +352,15 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
             attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Positions with 0 are excluded from the loss and the accuracy (their labels become -100).
             output_hidden_states (`bool`, *optional*):
-                Whether to return the output of every encoder and decoder layer; defaults to
-                `config.output_hidden_states`.
+                Whether to return the token embeddings and the output of every encoder and decoder layer (see
+                [`CalmAutoencoderOutput`]); defaults to `config.output_hidden_states`.
             return_dict (`bool`, *optional*):
                 Whether to return a [`CalmAutoencoderOutput`] instead of a tuple.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        record = {"encoder": [], "decoder": []} if output_hidden_states else None
+        record = [] if output_hidden_states else None
         config = self.config
         check_input_ids(input_ids, self.config)
         if labels is None:
@@ -409,8 +407,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
             logits=logits,
             latent_mean=mean,
             latent_log_std=log_std,
-            encoder_hidden_states=tuple(record["encoder"]) if record else None,
-            decoder_hidden_states=tuple(record["decoder"]) if record else None,
+            hidden_states=tuple(record) if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
 

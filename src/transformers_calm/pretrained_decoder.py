@@ -57,8 +57,26 @@ def init_compression_from_last_token(embed_proj: torch.nn.Sequential, embeddings
     norm.bias.zero_()
 
 
-def calm_from_pretrained_decoder(cls, model_or_path, autoencoder, init_input_compression=False, **kwargs):
-    """See [`CalmForCausalLM.from_pretrained_decoder`]."""
+def calm_from_pretrained_decoder(cls, model_or_path, autoencoder, init_input_compression: bool = False, **kwargs):
+    """`CalmForCausalLM.from_pretrained_decoder`: a new CALM (of class `cls`) whose backbone starts from a pretrained
+    token-level decoder (not in the paper): its decoder layers, final norm, rotary settings and token embeddings; a
+    new head.
+
+    Args:
+        model_or_path (`PreTrainedModel` or `str`):
+            A decoder-only causal LM (e.g. `LlamaForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`) or its base
+            model, or a path / Hub id that `AutoModelForCausalLM.from_pretrained` loads. Its vocabulary must be the
+            autoencoder's (the same tokenizer).
+        autoencoder ([`CalmAutoencoder`]):
+            The trained autoencoder; its config defines K, l, the vocabulary and the special tokens.
+        init_input_compression (`bool`, *optional*, defaults to `False`):
+            Start the input compression as the chunk's last token embedding (the token the pretrained model read
+            before the next one) instead of randomly, as in a new CALM. Measured worse on WikiText at the demo's
+            budget (docs/small-scale.md), hence off.
+        kwargs:
+            CALM's own `CalmConfig` fields (`head_type`, `num_mlp_layers`, ...), and `revision`, `dtype`,
+            `trust_remote_code` when loading from a path.
+    """
     load_kwargs = {name: kwargs.pop(name) for name in ("revision", "dtype", "trust_remote_code") if name in kwargs}
     decoder = base_decoder(model_or_path, **load_kwargs)
     vocab_size, ae_vocab_size = decoder.get_input_embeddings().weight.shape[0], autoencoder.config.vocab_size
