@@ -163,3 +163,14 @@ def _run_without_package(script: str, args, cwd, **env) -> None:
 def run_without_package():
     """`run_without_package(script, args, cwd, **env)`: see `_run_without_package`."""
     return _run_without_package
+
+
+def pytest_collectstart(collector):
+    """Before test_transformers_common.py imports transformers' common tests: declare the pytest markers they carry
+    (they differ between transformers releases; pyproject's `--strict-markers` refuses undeclared ones)."""
+    path = getattr(collector, "path", None)
+    if path is not None and path.name == "test_transformers_common.py":
+        from upstream_transformers import markers
+
+        for name in sorted(markers()):
+            collector.config.addinivalue_line("markers", f"{name}: a marker of transformers' common model tests")

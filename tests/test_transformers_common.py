@@ -8,6 +8,7 @@ are transformers' decisions and stay as they are.
 """
 
 import functools
+import inspect
 import unittest
 from unittest import mock
 
@@ -82,11 +83,18 @@ class CalmModelTest(ModelTesterMixin, unittest.TestCase):
     def test_config(self):
         self.config_tester.run_common_tests()
 
-    # The mixin checks the deprecation warning of `past_key_values` with `warnings.catch_warnings(record=True)`, which
-    # keeps this suite's filter that turns a FutureWarning into an error.
-    @pytest.mark.filterwarnings("always::FutureWarning")
-    def test_bc_cache_name_forward(self):
-        super().test_bc_cache_name_forward()
+    # CALM's autoencoder is frozen on purpose (no gradient, also in training); releases of the mixin that do not yet
+    # leave out intentionally frozen parameters (transformers < 5.2x) would count them as missing gradients.
+    test_all_params_have_gradient = "intentionally_frozen" in inspect.getsource(
+        ModelTesterMixin.check_training_gradient_checkpointing
+    )
+
+    if hasattr(ModelTesterMixin, "test_bc_cache_name_forward"):  # transformers >= 5.24
+        # The mixin checks the deprecation warning of `past_key_values` with `warnings.catch_warnings(record=True)`,
+        # which keeps this suite's filter that turns a FutureWarning into an error.
+        @pytest.mark.filterwarnings("always::FutureWarning")
+        def test_bc_cache_name_forward(self):
+            super().test_bc_cache_name_forward()
 
     def test_model_outputs_equivalence(self):
         # With labels, CALM's loss is a Monte Carlo estimate (head samples and posterior targets are drawn: there is
@@ -102,9 +110,11 @@ class CalmModelTest(ModelTesterMixin, unittest.TestCase):
         with mock.patch.object(CalmForCausalLM, "forward", seeded_forward):
             super().test_model_outputs_equivalence()
 
-    @unittest.skip(reason=f"{NO_LOGITS}; it compares the loss with the cross-entropy of logits at shift_labels")
-    def test_causal_lm_loss_honors_shift_labels(self):
-        pass
+    if hasattr(ModelTesterMixin, "test_causal_lm_loss_honors_shift_labels"):
+
+        @unittest.skip(reason=f"{NO_LOGITS}; it compares the loss with the cross-entropy of logits at shift_labels")
+        def test_causal_lm_loss_honors_shift_labels(self):
+            pass
 
 
 class CalmAutoencoderTester:

@@ -15,6 +15,7 @@ atomically), so only the first run downloads (~10 MB, a few seconds).
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,13 +104,27 @@ def _build(version: str) -> Path:
     return target
 
 
-def load(module: str):
-    """`module` (`"test_modeling_common"` or `"test_configuration_common"`) of the installed transformers release."""
+def package_dir() -> Path:
+    """The folder of the installed release's test files, downloaded and extracted on first use."""
     version = transformers.__version__
     root = cache_dir(version)
     if not (root / PACKAGE / SHIPPED[0]).exists():
         shutil.rmtree(root, ignore_errors=True)
         root = _build(version)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    return root / PACKAGE
+
+
+def markers() -> set[str]:
+    """The pytest markers the shipped files use (`@mark.flash_attn_test`, ...): they differ between releases, and this
+    suite runs with `--strict-markers`, so conftest.py declares them before the files are imported."""
+    builtin = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
+    text = "".join((package_dir() / name).read_text() for name in SHIPPED)
+    return set(re.findall(r"\bmark\.([A-Za-z_][A-Za-z0-9_]*)", text)) - builtin
+
+
+def load(module: str):
+    """`module` (`"test_modeling_common"` or `"test_configuration_common"`) of the installed transformers release."""
+    root = str(package_dir().parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
     return importlib.import_module(f"{PACKAGE}.{module}")
