@@ -172,5 +172,9 @@ def pytest_collectstart(collector):
     if path is not None and path.name == "test_transformers_common.py":
         from upstream_transformers import markers
 
-        for name in sorted(markers()):
+        try:
+            names = markers()
+        except RuntimeError:
+            return  # the module's import fails with the reason: a collection error, and the rest of the suite runs
+        for name in sorted(names):
             collector.config.addinivalue_line("markers", f"{name}: a marker of transformers' common model tests")

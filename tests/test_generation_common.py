@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from test_generate import PAD, VOCAB, K, left_pad, prompt, seeded, tiny_lm
-from transformers import CompileConfig, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 from transformers_calm.compat import CACHE_NAME
 from transformers_calm.generation_calm import CACHE_FILL_ATTRIBUTE
@@ -114,6 +114,25 @@ def test_continuing_from_a_forward_cache(model):
     at_once = model.generate(ids, max_new_tokens=2 * K, generator=seeded(5))
     assert torch.equal(continued, at_once)
     assert cache.get_seq_length() == 5  # 4 prompt chunks and the first new one
+
+
+def test_continuing_from_a_cache_passed_to_a_plain_generate(model):
+    """A cache passed in (not returned in a dict) also records its left fill, so a later call lines up with it."""
+    ids = prompt(5, seed=17, batch=2)
+    at_once = model.generate(ids, max_new_tokens=4 * K, generator=seeded(10))
+    generator, cache = seeded(10), DynamicCache(config=model.config.backbone_config)
+    first = model.generate(ids, max_new_tokens=2 * K, past_key_values=cache, generator=generator)
+    assert torch.equal(model.generate(first, past_key_values=cache, max_new_tokens=2 * K, generator=generator), at_once)
+
+
+def test_continuing_checks_rows_and_refuses_more_return_sequences(model):
+    first = model.generate(prompt(K, batch=2), max_new_tokens=K, return_dict_in_generate=True)
+    cache = getattr(first, CACHE_NAME)
+    with pytest.raises(ValueError, match="holds 2 rows, the prompt 1"):
+        model.generate(first.sequences[:1], past_key_values=cache, max_new_tokens=K)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(first.sequences, past_key_values=cache, max_new_tokens=K, num_return_sequences=2)
+    assert cache.get_seq_length() == 1 and cache.layers[0].keys.shape[0] == 2  # left as it was
 
 
 def test_continuing_needs_whole_chunks_after_the_cache(model):

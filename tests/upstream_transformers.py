@@ -9,14 +9,14 @@ mixins and a dict of common config fields), so that the export and generation te
 not run; `test_generation_common.py` covers, with tests of its own, what `GenerationTesterMixin` checks that needs no
 logits.
 
-The extracted files are cached under `build/transformers-<version>-tests/` (one folder per release, written
-atomically), so only the first run downloads (~10 MB, a few seconds).
+The extracted files are cached under `build/transformers-<version>-tests-<stubs>/` (one folder per release, written
+whole by a rename), so only the first run downloads (~10 MB, a few seconds).
 """
 
+import hashlib
 import importlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -58,7 +58,9 @@ MISSING = {
 
 
 def cache_dir(version: str = transformers.__version__) -> Path:
-    return REPO_ROOT / "build" / f"transformers-{version}-tests"
+    """One folder per transformers release and per text of the missing modules (a changed stub makes a new folder)."""
+    stubs = hashlib.sha256(repr(sorted(MISSING.items())).encode()).hexdigest()[:8]
+    return REPO_ROOT / "build" / f"transformers-{version}-tests-{stubs}"
 
 
 def _download_sdist(version: str, into: Path) -> Path:
@@ -71,9 +73,9 @@ def _download_sdist(version: str, into: Path) -> Path:
     if done.returncode != 0 or not archives:
         raise RuntimeError(
             f"Could not download the sdist of transformers {version} (its tests/ folder holds the common model tests "
-            f"this suite runs); pip said:\n{done.stderr[-2000:]}\nThe package registry must be reachable, or "
-            f"{cache_dir(version)} filled by an earlier run; a transformers installed from a git checkout has no "
-            "sdist: install a release."
+            f"this suite runs) with `{sys.executable} -m pip download`; it said:\n{done.stderr[-2000:]}\nThis needs "
+            f"pip in the environment and the package registry reachable, or {cache_dir(version)} filled by an "
+            "earlier run; a transformers installed from a git checkout has no sdist: install a release."
         )
     return archives[0]
 
@@ -107,9 +109,8 @@ def _build(version: str) -> Path:
 def package_dir() -> Path:
     """The folder of the installed release's test files, downloaded and extracted on first use."""
     version = transformers.__version__
-    root = cache_dir(version)
-    if not (root / PACKAGE / SHIPPED[0]).exists():
-        shutil.rmtree(root, ignore_errors=True)
+    root = cache_dir(version)  # written whole or not at all (`_build` renames a finished folder into place)
+    if not root.exists():
         root = _build(version)
     return root / PACKAGE
 

@@ -63,8 +63,6 @@ class CalmPrompt:
         """Every row `times` times in a row (`num_return_sequences`), as transformers expands its inputs."""
         if times == 1:
             return self
-        if self.cache is not None:
-            self.cache.batch_repeat_interleave(times)
 
         def rows(tensor):
             return None if tensor is None else tensor.repeat_interleave(times, dim=0)
@@ -177,6 +175,11 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         criteria, max_length = self._prepare_calm_stopping(
             generation_config, prompt, stopping_criteria, tokenizer, defaults
         )
+        if prompt.cache is not None and (generation_config.num_return_sequences or 1) > 1:
+            raise ValueError(
+                "num_return_sequences > 1 with a cache to continue from is not supported: repeat the rows of the "
+                "sequences and of the cache (cache.batch_repeat_interleave) before, or continue each row once."
+            )
         prompt = prompt.repeat(generation_config.num_return_sequences or 1)
         cache = self._prepare_calm_cache(generation_config, prompt, max_length)
         if streamer is not None:
@@ -188,10 +191,10 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         )
         if streamer is not None:
             streamer.end()
+        if cache is not None:  # for a later generate() that continues from it
+            setattr(cache, CACHE_FILL_ATTRIBUTE, prompt.fill)
         if not generation_config.return_dict_in_generate:
             return sequences
-        if cache is not None:
-            setattr(cache, CACHE_FILL_ATTRIBUTE, prompt.fill)
         return GenerateDecoderOnlyOutput(
             sequences=sequences,
             hidden_states=tuple(steps["hidden_states"]) if generation_config.output_hidden_states else None,
@@ -266,6 +269,11 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         if cache is not None and generation_config.use_cache is False:
             raise ValueError("generate() got a cache to continue from and use_cache=False; drop one of them.")
         cached_chunks = 0 if cache is None else int(cache.get_seq_length())
+        cached_rows = _cache_rows(cache) if cached_chunks else None
+        if cached_rows is not None and cached_rows != batch_size:
+            raise ValueError(
+                f"The cache holds {cached_rows} rows, the prompt {batch_size}: pass the cache of these rows."
+            )
         fill = getattr(cache, CACHE_FILL_ATTRIBUTE, 0) if cached_chunks else (-length) % K
         unread = fill + length - cached_chunks * K
         if cached_chunks and (unread <= 0 or unread % K):
@@ -359,6 +367,12 @@ def _refuse_logit_arguments(**given):
                 "without a likelihood, so there are none. Use temperature (in (0, 1]) or do_sample=False to shape "
                 "the distribution, and stopping_criteria or stop_strings to end rows."
             )
+
+
+def _cache_rows(cache) -> int | None:
+    """The batch size of a filled cache, where its layers say (transformers' `DynamicCache`, `StaticCache`)."""
+    keys = getattr(getattr(cache, "layers", [None])[0], "keys", None)
+    return None if keys is None or keys.dim() == 0 else keys.shape[0]
 
 
 def _check_prompt_inputs(input_ids, inputs_embeds, hidden_size) -> int:

@@ -28,9 +28,10 @@ class CalmDecodingSteps:
             "max_draws": generation_config.max_draws,
             "generator": generator,
         }
+        returned = bool(generation_config.return_dict_in_generate)  # recorded only where they are returned
         record = {
-            "output_hidden_states": bool(generation_config.output_hidden_states),
-            "output_attentions": bool(generation_config.output_attentions),
+            "output_hidden_states": returned and bool(generation_config.output_hidden_states),
+            "output_attentions": returned and bool(generation_config.output_attentions),
         }
         steps = {"hidden_states": [], "attentions": []}
         static = cache is not None and cache.is_compileable
