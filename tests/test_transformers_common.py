@@ -71,6 +71,7 @@ class CalmModelTest(ModelTesterMixin, unittest.TestCase):
     # The mixin dates a model by the copyright line of its config's file (CALM's has none) and skips the check that
     # `_init_weights` covers every weight for models before 2023: CALM is of 2025.
     test_can_init_all_missing_weights_before_2023 = True
+    _is_composite = True  # CalmConfig composes sub-configs (backbone, autoencoder), as transformers' multimodal models
 
     def setUp(self):
         self.model_tester = CalmModelTester(self)
