@@ -195,6 +195,12 @@ def main(argv=None):
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}.")
     if data_args.block_size % patch_size:
         raise ValueError(f"block_size ({data_args.block_size}) must be a multiple of patch_size ({patch_size}).")
+    if data_args.block_size > model.config.max_tokens:
+        raise ValueError(
+            f"block_size ({data_args.block_size}) is longer than the model's context of {model.config.max_tokens} "
+            f"tokens ({model.config.max_chunks} chunks of K = {patch_size}): pass --block_size "
+            f"{model.config.max_tokens} or less."
+        )
 
     train_dataset, eval_dataset = data_args.load_blocks(tokenizer, patch_size, training_args, packing=data_args.packing)
 

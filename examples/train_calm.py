@@ -140,6 +140,19 @@ class CalmTrainingArguments(OfficialTrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False)
 
 
+def check_same_autoencoder(model_ae_config, given_ae_config):
+    """--model_name_or_path holds its autoencoder: a --autoencoder of another K, l or vocabulary is an error."""
+    fields = ("patch_size", "latent_size", "vocab_size")
+    if any(getattr(model_ae_config, name) != getattr(given_ae_config, name) for name in fields):
+        raise ValueError(
+            "--autoencoder (K = {}, l = {}, vocabulary {}) is not the autoencoder inside --model_name_or_path (K = {}, "
+            "l = {}, vocabulary {}), which the model keeps: drop --autoencoder to train the model further, or drop "
+            "--model_name_or_path to train a new language model around this autoencoder.".format(
+                *(getattr(c, n) for c in (given_ae_config, model_ae_config) for n in fields)
+            )
+        )
+
+
 def load_tokenizer(model_args):
     """The autoencoder's tokenizer: --tokenizer, else the one saved beside the autoencoder / model."""
     path = model_args.tokenizer
@@ -205,6 +218,8 @@ def main(argv=None):
     if model_args.model_name_or_path:
         autoencoder, config = None, CalmForCausalLM.config_class.from_pretrained(model_args.model_name_or_path)
         ae_config = config.autoencoder_config
+        if model_args.autoencoder:  # the model holds its own autoencoder: a different one would be ignored
+            check_same_autoencoder(ae_config, CalmAutoencoder.config_class.from_pretrained(model_args.autoencoder))
     else:
         autoencoder = CalmAutoencoder.from_pretrained(model_args.autoencoder)
         ae_config = autoencoder.config

@@ -8,6 +8,7 @@ import os
 import textwrap
 import warnings
 
+import factories
 import pytest
 import torch
 from factories import TINY_BACKBONE, TINY_HEAD, randomize_head, tiny_calm_config
@@ -896,3 +897,16 @@ def test_labels_outside_the_vocabulary_name_the_labels():
 def test_autoencoder_config_equality_compares_every_field():
     assert CalmAutoencoderConfig(patch_size=4) != CalmAutoencoderConfig(patch_size=8)
     assert CalmAutoencoderConfig(patch_size=4) == CalmAutoencoderConfig(patch_size=4)
+
+
+@pytest.mark.parametrize("other", [{"patch_size": 2}, {"patch_size": 8}, {"latent_size": 6}])
+def test_a_swapped_autoencoder_is_a_clear_error(other):
+    """`model.autoencoder = another one` (other K or l): generate and the loss say what is wrong and how to fix it,
+    instead of a reshape error (which, with K = 8, blamed the prompt length)."""
+    model = factories.tiny_calm()
+    model.autoencoder = factories.tiny_autoencoder(**other)
+    ids = factories.random_ids(1, 8)
+    with pytest.raises(ValueError, match="not the autoencoder this model was built around.*from_autoencoder"):
+        model.generate(ids, max_new_tokens=4)
+    with pytest.raises(ValueError, match="not the autoencoder this model was built around"):
+        model(input_ids=ids, labels=ids)

@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from transformers_calm import CalmForCausalLM, sampling
+from transformers_calm import CalmForCausalLM, candidate_decoding, sampling
 from transformers_calm.compat import CACHE_NAME
 
 K = 3  # tokens per chunk; deliberately not a power of two
@@ -536,8 +536,13 @@ def test_bad_temperature_raises(model, temperature):
 def test_temperature_one_draws_one_sample_per_row(model, monkeypatch):
     """T = 1 (the default) decodes a single head sample per row: no sampler is involved."""
     used = []
-    for name in ("_temperature_pick", "exact_temperature_sample", "candidate_counts", "prefix_candidate_counts"):
-        monkeypatch.setattr(sampling, name, lambda *a, _name=name, **k: used.append(_name))
+    for module, name in (
+        (sampling, "_temperature_pick"),
+        (sampling, "exact_temperature_sample"),
+        (candidate_decoding, "candidate_counts"),
+        (candidate_decoding, "prefix_candidate_counts"),
+    ):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: used.append(_name))
     sizes = []
     original = model.generative_head.forward
 

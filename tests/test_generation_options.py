@@ -351,3 +351,10 @@ def test_generation_config_defaults_leave_top_k_unset():
     that only a top_k someone asked for is rejected."""
     assert CalmGenerationConfig._get_default_generation_params()["top_k"] is None
     assert CalmGenerationConfig().unsupported_options() == {}
+
+
+def test_exact_temperature_says_when_rows_fall_back(model):
+    """A row that reaches max_draws without accepting takes the batch approximation: a warning says how many rows,
+    after how many draws, and what to do."""
+    with pytest.warns(UserWarning, match=r"rows drew max_draws = 2 head samples.*Raise max_draws"):
+        model.generate(prompt(3).expand(4, -1), max_new_tokens=K, temperature=0.2, exact_temperature=True, max_draws=2)

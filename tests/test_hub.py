@@ -52,6 +52,7 @@ AE_AUTO_MAP = {
 AE_MODULES = {"configuration_calm_autoencoder.py", "modeling_calm_autoencoder.py", "screened_argmax.py"}
 CALM_MODULES = AE_MODULES | {
     "calm_loss.py",
+    "candidate_decoding.py",
     "compat.py",
     "configuration_calm.py",
     "decoder_loss.py",

@@ -340,6 +340,30 @@ def test_example_trains_and_saves_the_adapter(example_setup, tmp_path, capsys):
     assert "Prompt: 'The game'" in out and "Continuation: " in out
 
 
+def test_example_refuses_blocks_longer_than_the_context(example_setup, tmp_path):
+    context = AutoModelForCausalLM.from_pretrained(example_setup / "base").config.max_tokens
+    args = ["--block_size", str(context + K)]
+    with pytest.raises(ValueError, match=f"longer than the model's context of {context} tokens"):
+        run_example(example_setup, tmp_path / "out", *args)
+
+
+def test_adapters_in_the_autoencoder_are_refused_with_the_fix():
+    """The usual target_modules names ("gate_proj", ...) also name the frozen autoencoder's layers: training refuses
+    them and says how to keep adapters to the backbone, which then trains."""
+    from peft import LoraConfig, get_peft_model
+
+    everywhere = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "gate_proj"]))
+    with pytest.raises(ValueError, match="exclude_modules"):
+        everywhere.train()
+    kept = get_peft_model(
+        tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "gate_proj"], exclude_modules=r".*autoencoder.*")
+    )
+    kept.train()
+    assert lora_module_names(kept.get_base_model()) and not any(
+        "autoencoder" in name for name in lora_module_names(kept.get_base_model())
+    )
+
+
 def test_example_merge_with_head(example_setup, tmp_path, capsys):
     root = example_setup
     trainer, _ = run_example(root, tmp_path / "out", "--train_head", "--merge")

@@ -357,6 +357,22 @@ def test_exact_sampler_max_draws_fallback_statistics():
             assert (seen[-3:] == out.samples[row]).all()
 
 
+def test_exact_sampler_draws_in_growing_batches():
+    """By default each call asks for twice the draws of the one before (few head calls per chunk: about log2 of the
+    draws), capped by what max_draws leaves; a row that never accepts sees exactly max_draws draws."""
+    a, b = (0, 0), (1, 1)
+    script = [[a, b] * 200]  # alternating: never n = 2 identical draws in a row at T = 1/2
+    draw = ScriptedDraw(script)
+    asked = []
+
+    def recording(num, rows=None):
+        asked.append(num)
+        return draw(num, rows)
+
+    out = exact_temperature_sample(recording, 0.5, max_draws=100)
+    assert asked == [1, 8, 16, 32, 43] and out.num_draws.tolist() == [100] and not out.exact.any()
+
+
 def test_exact_sampler_rejects_bad_max_draws():
     with pytest.raises(ValueError, match="max_draws"):
         exact_temperature_sample(ToyDraw(PROBS, OUTCOMES), 0.5, max_draws=0)

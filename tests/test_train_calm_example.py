@@ -172,6 +172,15 @@ def test_train_calm_errors(workdir):
         example.main(script_args(workdir, workdir / "bad", "--tokenizer", str(no_pad)))
     assert "add_special_tokens" in str(error.value)
 
+    other_ae = workdir / "other-autoencoder"  # K = 2: not the autoencoder inside the model, which it would ignore
+    factories.tiny_autoencoder(patch_size=2).save_pretrained(other_ae)
+    model_dir = workdir / "tiny-calm"
+    factories.tiny_calm().save_pretrained(model_dir)
+    both = script_args(workdir, workdir / "bad", "--model_name_or_path", str(model_dir))
+    both[both.index("--autoencoder") + 1] = str(other_ae)
+    with pytest.raises(ValueError, match="not the autoencoder inside --model_name_or_path"):
+        example.main(both)
+
     bare_ae = workdir / "bare-autoencoder"
     CalmAutoencoder.from_pretrained(workdir / "autoencoder").save_pretrained(bare_ae)  # no tokenizer beside it
     argv = script_args(workdir, workdir / "bad")

@@ -23,6 +23,7 @@ from transformers.generation import GenerateDecoderOnlyOutput, MaxLengthCriteria
 from .compat import CACHE_NAME, cache_max_length
 from .generation_configuration_calm import CalmGenerationConfig
 from .generation_steps import CalmDecodingSteps, check_prompt_mask
+from .modeling_calm_autoencoder import check_autoencoder_matches
 from .sampling import check_temperature
 
 # generate()'s returned cache records the left fill in front of its first chunk, so that a later generate() that
@@ -170,6 +171,7 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         if synced_gpus:
             raise ValueError("synced_gpus=True is not supported by CALM's generate(); generate on each process alone.")
 
+        check_autoencoder_matches(self.config.autoencoder_config, self.autoencoder)
         generation_config, model_kwargs, defaults = self._prepare_calm_generation_config(generation_config, kwargs)
         prompt = self._prepare_calm_prompt(inputs, generation_config, model_kwargs)
         criteria, max_length = self._prepare_calm_stopping(

@@ -88,8 +88,14 @@ class CalmGenerationConfig(GenerationConfig):
             temperature < 1 sample, or the mode (`do_sample=False`), is chosen.
         exact_temperature (`bool`, *optional*, `False` when unset):
             Use the paper's exact rejection sampler (Algorithm 1) for temperature < 1 instead of the approximation.
+            Its cost is random: head samples until n = floor(1/T) identical ones (and the Bernoulli factory's
+            repeats), on average (n + sum_x P(x)^(1/T - 1)) / sum_x P(x)^(1/T) per chunk: a few for a peaked
+            distribution, thousands for a flat one (an untrained model) or a small T. Draws come in growing batches
+            (8, 16, 32, ...), about log2(draws) head calls per chunk; a call of the flow or diffusion head is 10 or 100
+            network passes. The approximation costs one head call of `num_candidates` samples.
         max_draws (`int`, *optional*, 10000 when unset):
-            Draws per row and chunk after which the exact sampler falls back to the approximation over them.
+            Draws per row and chunk after which the exact sampler takes the approximation over them, with a warning
+            that says how many rows did.
         do_sample (`bool`, *optional*, `True` when unset):
             CALM's head is a sampler: `True` samples (at `temperature`), `False` returns the most frequent of
             `num_candidates` samples.

@@ -24,7 +24,7 @@ from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin
 from .generation_configuration_calm import CalmGenerationConfig
 from .input_compression import chunk_masks, compress_chunks, input_compression
-from .modeling_calm_autoencoder import CalmAutoencoder, check_input_ids
+from .modeling_calm_autoencoder import CalmAutoencoder, check_autoencoder_matches, check_input_ids, check_no_adapters
 from .modeling_diffusion_head import CalmDiffusionHead
 from .modeling_energy_head import CalmEnergyHead, CalmEnergyHeadOutputLayer
 from .modeling_flow_head import CalmAdaLNLinear, CalmFlowHead
@@ -283,6 +283,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         """The one place that freezes the autoencoder: no gradients, always eval mode (no DropToken/DropLatent, no bf16
         embedding cast). Called wherever transformers or torch could undo it: after init, after loading (`from_pretrained`
         creates new parameters, then ties weights) and on every `train()`."""
+        check_no_adapters(self.autoencoder)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
 
@@ -388,6 +389,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
             chunk_embeds (`torch.FloatTensor` of shape `(batch_size, num_chunks, hidden_size)`, *optional*):
                 The backbone's input vectors (compressed chunks) instead of `input_ids`.
         """
+        check_autoencoder_matches(self.config.autoencoder_config, self.autoencoder)
         if kwargs.pop("shift_labels", None) is not None:  # transformers' token models take them; CALM would drop them
             raise ValueError(
                 "CALM takes unshifted labels: pass labels=input_ids (the state of chunk i predicts chunk i + 1 of "

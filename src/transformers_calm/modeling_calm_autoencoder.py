@@ -59,6 +59,35 @@ def check_input_ids(input_ids: torch.LongTensor, config) -> None:
         )
 
 
+def check_autoencoder_matches(built_config, autoencoder) -> None:
+    """An error that says how to fix it when a language model's `autoencoder` is not the one it was built around
+    (`built_config`, its `config.autoencoder_config`): K, l or the vocabulary differ, e.g. after `model.autoencoder =
+    other`. Its backbone reads and its head predicts that autoencoder's chunks and latent vectors."""
+    fields = ("patch_size", "latent_size", "vocab_size")
+    present = autoencoder.config
+    if any(getattr(built_config, name) != getattr(present, name) for name in fields):
+        raise ValueError(
+            "model.autoencoder (K = {}, l = {}, vocabulary {}) is not the autoencoder this model was built around (K = "
+            "{}, l = {}, vocabulary {}): its backbone reads and its head predicts that one's chunks and latents. Build a "
+            "new model around the new autoencoder (CalmForCausalLM.from_autoencoder) and train it.".format(
+                *(getattr(config, name) for config in (present, built_config) for name in fields)
+            )
+        )
+
+
+def check_no_adapters(autoencoder) -> None:
+    """An error that says how to fix it when adapters (peft's layers, which have `adapter_layer_names`) were placed in
+    a language model's frozen autoencoder, where they would never train: the usual LoRA `target_modules` ("gate_proj",
+    "up_proj", ...) name its layers too."""
+    adapted = [name for name, module in autoencoder.named_modules() if hasattr(module, "adapter_layer_names")]
+    if adapted:
+        raise ValueError(
+            f"Adapters were placed in the frozen autoencoder (autoencoder.{adapted[0]} and {len(adapted) - 1} more), "
+            "where they would never train. Keep them to the backbone: LoraConfig(..., exclude_modules=r'.*"
+            "autoencoder.*'), or target_modules=r'model\\.backbone\\..*\\.(q_proj|v_proj)'."
+        )
+
+
 @dataclass
 class CalmAutoencoderOutput(ModelOutput):
     """Output of [`CalmAutoencoder.forward`].
@@ -416,6 +445,8 @@ __all__ = [
     "CalmAutoencoder",
     "CalmAutoencoderOutput",
     "CalmAutoencoderPreTrainedModel",
+    "check_autoencoder_matches",
     "check_input_ids",
+    "check_no_adapters",
     "id_outside_vocabulary",
 ]

@@ -17,11 +17,13 @@ Both are vectorised over rows (the batch) and take a `torch.Generator` for repro
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from .candidate_decoding import candidate_counts, decode_chosen_candidates, in_slices, prefix_candidate_counts
 from .compat import generator_kwargs
 
 
@@ -112,8 +114,10 @@ def exact_temperature_sample(
             Most draws per row. A row that has not accepted by then falls back to the batch approximation
             ([`batch_temperature_sample`]) over all the draws it has seen; `exact` marks such rows False.
         draws_per_call (`int`, *optional*):
-            Samples requested per `draw` call; defaults to `max(n, 8)`. Larger values mean fewer calls (better
-            batching on an accelerator) and a few wasted samples at the end.
+            Samples requested per `draw` call. By default the calls grow: `max(n, 8)`, then twice as many at every
+            call (one head call per batch of draws, so a chunk costs about log2 of its draws in calls; a head call of
+            the flow or diffusion head is 10 or 100 network passes). The draws are independent, so the batch sizes
+            do not change the distribution; draws left in a batch after a row accepts are discarded.
 
     Returns:
         [`ExactSampleOutput`] with `samples` `(batch, K)`, `num_draws` `(batch,)` and `exact` `(batch,)`.
@@ -122,6 +126,7 @@ def exact_temperature_sample(
     if max_draws < 1:
         raise ValueError(f"max_draws must be >= 1, got {max_draws}.")
     n, alpha = _split_inverse_temperature(temperature)
+    growing = draws_per_call is None
     draws_per_call = draws_per_call or max(n, 8)
 
     first = draw(1)
@@ -182,6 +187,8 @@ def exact_temperature_sample(
         active_rows = remaining.nonzero().squeeze(1)
         num = min(draws_per_call, int((max_draws - num_draws[active_rows]).max()))
         pending = (_call_draw(draw, num, active_rows, batch_size), active_rows)
+        if growing:
+            draws_per_call *= 2
 
     exact = done.clone()
     if not exact.all():
@@ -191,70 +198,6 @@ def exact_temperature_sample(
         row_draws = torch.cat([d[:, torch.searchsorted(rows, failed)] for d, rows in seen], dim=0)
         result[failed] = batch_temperature_sample(row_draws, temperature, generator=generator)
     return ExactSampleOutput(samples=result, num_draws=num_draws, exact=exact)
-
-
-def candidate_counts(candidates: torch.LongTensor) -> torch.LongTensor:
-    """For candidates `(N, batch, K)`, how many of the row's N candidates equal each one: `(batch, N)`.
-
-    Sorts each row's chunks lexicographically (stable sorts from the last token to the first) and measures the runs
-    of equal chunks: O(K N log N) per row, where comparing all pairs would cost O(K N^2).
-    """
-    by_row = candidates.transpose(0, 1)  # (batch, N, K)
-    batch_size, num, patch_size = by_row.shape
-    order = torch.arange(num, device=candidates.device).expand(batch_size, num)
-    for k in reversed(range(patch_size)):
-        keys = torch.gather(by_row[..., k], 1, order)
-        order = torch.gather(order, 1, torch.sort(keys, dim=1, stable=True).indices)
-    ordered = torch.gather(by_row, 1, order.unsqueeze(-1).expand(-1, -1, patch_size))
-    starts = torch.ones(batch_size, num, dtype=torch.bool, device=candidates.device)
-    starts[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).any(-1)
-    group = starts.long().cumsum(1) - 1
-    sizes = torch.zeros_like(group).scatter_add_(1, group, torch.ones_like(group))
-    return torch.empty_like(order).scatter_(1, order, torch.gather(sizes, 1, group))
-
-
-def prefix_candidate_counts(
-    token_at: Callable[[int, torch.LongTensor], torch.LongTensor],
-    num: int,
-    batch_size: int,
-    patch_size: int,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """[`candidate_counts`] of N candidates per row whose tokens are read lazily.
-
-    A chunk whose first k tokens equal no other candidate's of its row has count 1 whatever its later tokens, so
-    token k is read only for candidates whose first k tokens tie with another's. When the candidates differ early
-    (a spread distribution: most of them by their first token) this reads about N tokens per row instead of N K.
-
-    Args:
-        token_at (`Callable`):
-            `token_at(k, index)` returns token k (0 <= k < K) of the candidates `index`, a `LongTensor` of flat
-            indices `n * batch_size + b` (candidate n of row b), as a `LongTensor` of the same length.
-        num (`int`): N, candidates per row.
-        batch_size (`int`): rows.
-        patch_size (`int`): K, tokens per chunk.
-        device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): where the indices and counts live.
-
-    Returns:
-        `(counts, tokens)`: the counts `(batch, N)`, and the tokens read `(N, batch, K)`, -1 where not read.
-    """
-    counts = torch.ones(num * batch_size, dtype=torch.long, device=device)
-    tokens = torch.full((num * batch_size, patch_size), -1, dtype=torch.long, device=device)
-    tied = torch.arange(num * batch_size, device=device)  # candidates whose prefix so far equals another's
-    group = tied % batch_size  # class of equal prefixes; at first, the row
-    for k in range(patch_size):
-        tokens[tied, k] = token_at(k, tied).to(device)
-        # Candidates fall into the same class when their class so far and token k agree.
-        _, group, sizes = torch.unique(
-            torch.stack([group, tokens[tied, k]], dim=-1), dim=0, return_inverse=True, return_counts=True
-        )
-        size = sizes[group]
-        counts[tied] = size
-        still = size > 1
-        tied, group = tied[still], group[still]
-        if len(tied) == 0:
-            break
-    return counts.view(num, batch_size).T, tokens.view(num, batch_size, patch_size)
 
 
 def _temperature_pick(counts: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.LongTensor:
@@ -317,14 +260,6 @@ def mode_sample(candidates: torch.LongTensor) -> torch.LongTensor:
     return candidates.transpose(0, 1)[torch.arange(candidates.shape[1], device=candidates.device), pick]
 
 
-def _in_slices(function: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, step: int) -> torch.Tensor:
-    """`function(rows)`, run on at most `step` rows at a time (the decoder's logits must not all materialise at once)
-    and concatenated; one call, without a copy, when they fit."""
-    if len(rows) <= step:
-        return function(rows)
-    return torch.cat([function(rows[i : i + step]) for i in range(0, len(rows), step)])
-
-
 class CalmSamplingMixin:
     """The public way to draw from a [`CalmForCausalLM`], used by `generate`, `CalmTrainer` and BrierLM alike: head
     samples of the next chunk's latent vector for backbone states, their tokens, and the temperature sampler of one
@@ -372,7 +307,7 @@ class CalmSamplingMixin:
         """
         flat = latents.reshape(-1, 1, latents.shape[-1])
         step = max(1, max_logits // (self.config.patch_size * self.config.vocab_size))
-        tokens = _in_slices(self.autoencoder.decode_token_ids, flat, step)
+        tokens = in_slices(self.autoencoder.decode_token_ids, flat, step)
         return tokens.reshape(*latents.shape[:-1], self.config.patch_size)
 
     def decode_chosen_candidates(
@@ -382,54 +317,9 @@ class CalmSamplingMixin:
         max_logits: int = 2**26,
     ) -> torch.LongTensor:
         """The chunk `(batch, K)` of one of N candidate latents per row `(N, batch, latent_size)`, chosen by how many
-        of the row's candidates decode to the same chunk: `choose(counts)` gets the counts `(batch, N)` (as
-        [`~sampling.candidate_counts`] of the decoded candidates) and returns an index per row `(batch,)`.
-
-        On CPU through [`~sampling.prefix_candidate_counts`]: the per-chunk half of the decoder runs for every
-        candidate, and a token only while the candidate's tokens so far tie with another's; the chosen candidate's
-        remaining tokens are decoded after the choice. This runs eagerly also inside a compiled decoding step (a
-        graph break; a CPU step is bound by its products, not by launches). On accelerators every candidate is decoded
-        in one batched product, inside the compiled graph (no data-dependent shapes, no host sync: CUDA graphs).
-        """
-        if latents.dim() != 3 or latents.shape[0] < 1:
-            raise ValueError(
-                f"latents must have shape (N, batch, latent_size) with N >= 1, got {tuple(latents.shape)}."
-            )
-        # A step compiled with fullgraph=True cannot leave its graph: there, every candidate is decoded.
-        compile_config = getattr(self, "_calm_compile_config", None)  # the compiled step's (generation_calm)
-        whole_graph = torch.compiler.is_compiling() and compile_config is not None and compile_config.fullgraph
-        if latents.device.type == "cpu" and not whole_graph:
-            return self._decode_chosen_candidates_lazily(latents, choose, max_logits)
-        chunks = self.decode_latents(latents, max_logits)
-        return chunks[choose(candidate_counts(chunks)), torch.arange(latents.shape[1], device=latents.device)]
-
-    @torch.compiler.disable  # data-dependent shapes; see decode_chosen_candidates
-    def _decode_chosen_candidates_lazily(self, latents, choose, max_logits) -> torch.LongTensor:
-        num, batch_size = latents.shape[:2]
-        rows = torch.arange(batch_size, device=latents.device)
-        decoder = self.autoencoder.decoder
-        chunk_states = decoder.chunk_states(latents.reshape(num * batch_size, latents.shape[-1]))
-        step = max(1, max_logits // self.config.vocab_size)
-
-        def token_at(position: int, index: torch.LongTensor) -> torch.LongTensor:
-            return _in_slices(
-                lambda states: decoder.argmax_token_ids(decoder.position_states(states, position)),
-                chunk_states[index],
-                step,
-            )
-
-        counts, tokens = prefix_candidate_counts(token_at, num, batch_size, self.config.patch_size, latents.device)
-        pick = choose(counts)
-        chunk = tokens[pick, rows]
-        # The chosen candidates' unread tokens, in one argmax over the vocabulary.
-        row, position = (chunk < 0).nonzero(as_tuple=True)
-        if len(row):
-            states = chunk_states[pick[row] * batch_size + row]
-            for k in position.unique().tolist():
-                at_k = position == k
-                states[at_k] = decoder.position_states(states[at_k], k)
-            chunk[row, position] = _in_slices(decoder.argmax_token_ids, states, step)
-        return chunk
+        of the row's candidates decode to the same chunk: `choose(counts)` gets the counts `(batch, N)` and returns an
+        index per row `(batch,)`. Decodes only the tokens the counts need ([`~candidate_decoding.decode_chosen_candidates`])."""
+        return decode_chosen_candidates(self, latents, choose, max_logits)
 
     def sample_chunks(
         self,
@@ -473,7 +363,16 @@ class CalmSamplingMixin:
         if do_sample and temperature == 1.0:
             return draw(1)[0]
         if do_sample and exact_temperature:
-            return exact_temperature_sample(draw, temperature, generator=generator, max_draws=max_draws).samples
+            exact = exact_temperature_sample(draw, temperature, generator=generator, max_draws=max_draws)
+            if not bool(exact.exact.all()):
+                warnings.warn(
+                    f"exact_temperature: {int((~exact.exact).sum())} of {len(exact.exact)} rows drew max_draws = "
+                    f"{max_draws} head samples without accepting one, and took the batch approximation over them "
+                    "instead. Raise max_draws, or use the batch approximation (exact_temperature=False, "
+                    "num_candidates=...), which costs one head call of num_candidates samples per chunk.",
+                    stacklevel=2,
+                )
+            return exact.samples
         # The mode, or the batch approximation: both need only the candidates' counts, then the chosen one's tokens.
         if do_sample:
             temperature = check_temperature(temperature)
