@@ -33,7 +33,8 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from scripts import check_path, load_tokenizer  # examples/scripts.py: the script's directory is on sys.path
+from transformers import AutoModelForCausalLM
 
 import transformers_calm  # noqa: F401  (registers the CALM model types with the Auto classes)
 from transformers_calm.brierlm import BRIERLM_PATH, DEFAULT_CONTEXT_LENGTH, is_calm_model, score_model
@@ -92,8 +93,9 @@ def main(argv=None) -> dict:
     kwargs = {"dtype": getattr(torch, args.dtype)}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
+    check_path(args.model, "--model")
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     documents = read_documents(args.data)
     kind = f"CALM, K = {model.config.patch_size}" if is_calm_model(model) else "causal LM"
     print(f"model {type(model).__name__} ({kind}), {len(documents)} documents from {args.data}", file=sys.stderr)

@@ -34,11 +34,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
     ScriptDataArguments,
+    check_path,
+    load_tokenizer,
     parse_script_args,
     setup_logging,
     train_and_evaluate,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArguments, set_seed
 
 from transformers_calm import CalmForCausalLM, CalmTrainer
 from transformers_calm.data import PACKINGS
@@ -186,10 +188,11 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     # Importing transformers_calm registered CALM with the Auto classes.
+    check_path(model_args.model, "--model")
     model = AutoModelForCausalLM.from_pretrained(model_args.model, dtype=getattr(torch, model_args.dtype))
     if not isinstance(model, CalmForCausalLM):
         raise ValueError(f"{model_args.model} holds a {type(model).__name__}, not a CalmForCausalLM.")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.model)
+    tokenizer = load_tokenizer(model_args.tokenizer or model_args.model)
     patch_size = model.config.patch_size
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}.")

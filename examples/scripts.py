@@ -91,6 +91,32 @@ def count_blocks(dataset) -> str:
     return f"{len(dataset):,}" if hasattr(dataset, "__len__") else "streamed"
 
 
+# The files a saved tokenizer consists of (one of them is enough for AutoTokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def check_path(path: str | None, what: str) -> None:
+    """`path` (a folder, or a Hub id) for `what` (e.g. "--model"): a local-looking path that does not exist is an error
+    that names it, instead of transformers' "Repo id must be in the form 'repo_name'" (a Hub id is `name` or
+    `org/name`; anything with more parts, or starting with `.`, `/` or `~`, can only be local)."""
+    if not path or os.path.exists(path):
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        raise FileNotFoundError(f"{what} {path!r}: no such folder (looked in {os.getcwd()}).")
+
+
+def load_tokenizer(path: str, what: str = "--tokenizer"):
+    """`AutoTokenizer.from_pretrained(path)`, or a clear error when `path` is a local folder without a tokenizer (a
+    model saved alone; transformers would ask to install sentencepiece or tiktoken)."""
+    check_path(path, what)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"No tokenizer in {path}: pass --tokenizer, the tokenizer the autoencoder was trained with "
+            "(train_autoencoder.py saves it in its output_dir, beside the autoencoder)."
+        )
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
 def parse_script_args(parser: transformers.HfArgumentParser, argv=None) -> tuple:
     """The dataclasses of `parser`, from `argv` (a list of strings; default `sys.argv`), or from a single `.json`
     file given as the only command-line argument, as in the transformers examples."""

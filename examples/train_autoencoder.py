@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
     OfficialTrainingArguments,
     ScriptDataArguments,
+    check_path,
     close_distributed,
     count_blocks,
     parse_script_args,
@@ -101,6 +102,8 @@ def main(argv=None):
         )
     set_seed(training_args.seed)
 
+    check_path(model_args.tokenizer, "--tokenizer")
+    check_path(model_args.model_name_or_path, "--model_name_or_path")
     tokenizer = prepare_tokenizer(model_args.tokenizer)
     train_dataset, eval_dataset = data_args.load_blocks(tokenizer, model_args.patch_size, training_args)
     logger.info(

@@ -47,6 +47,7 @@ import torch
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
     OfficialTrainingArguments,
     ScriptDataArguments,
+    check_path,
     close_distributed,
     count_blocks,
     parse_script_args,
@@ -215,6 +216,8 @@ def main(argv=None):
 
     if not (model_args.autoencoder or model_args.model_name_or_path):
         raise ValueError("Pass --autoencoder (a trained CalmAutoencoder) or --model_name_or_path (a CalmForCausalLM).")
+    for name in ("autoencoder", "model_name_or_path", "tokenizer"):
+        check_path(getattr(model_args, name), f"--{name}")
     if model_args.model_name_or_path:
         autoencoder, config = None, CalmForCausalLM.config_class.from_pretrained(model_args.model_name_or_path)
         ae_config = config.autoencoder_config

@@ -24,12 +24,12 @@ from scripts import (  # examples/scripts.py: the script's directory is on sys.p
     OfficialTrainingArguments,
     ScriptDataArguments,
     close_distributed,
+    load_tokenizer,
     parse_script_args,
     setup_logging,
     train_and_evaluate,
 )
 from transformers import (
-    AutoTokenizer,
     HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
@@ -82,7 +82,7 @@ def main(argv=None):
     setup_logging(training_args, __name__)
     set_seed(training_args.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer)
+    tokenizer = load_tokenizer(model_args.tokenizer)
     train_dataset, eval_dataset = data_args.load_blocks(
         tokenizer, data_args.patch_size, training_args, packing=data_args.packing
     )

@@ -111,6 +111,23 @@ def test_streaming_errors(corpus, tmp_path):
         load_documents([corpus["files"][0], str(tmp_path / "notes.txt")], streaming=True)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("name", ["train.txt", "train.jsonl"])
+def test_missing_empty_and_textless_files_say_so(tmp_path, name, streaming):
+    """Instead of datasets' `DatasetGenerationError` (.txt) or a bare `StopIteration` (.jsonl)."""
+    with pytest.raises(FileNotFoundError, match="No data file at"):
+        load_documents(str(tmp_path / name), streaming=streaming)
+    with pytest.raises(FileNotFoundError, match="No data file at"):
+        load_documents(str(tmp_path / "shards" / f"*{name}"), streaming=streaming)
+    (tmp_path / name).write_text("")
+    with pytest.raises(ValueError, match=f"data file {tmp_path / name} is empty"):
+        load_documents(str(tmp_path / name), streaming=streaming)
+    if not streaming:  # a stream only knows when it is read
+        (tmp_path / name).write_text("\n\n" if name.endswith("txt") else json.dumps({"text": " "}) + "\n")
+        with pytest.raises(ValueError, match="no document with text"):
+            load_documents(str(tmp_path / name))
+
+
 # ------------------------------------------------------------------------------------------------------ resume
 
 

@@ -327,3 +327,20 @@ def test_paper_recipe_commands_are_valid(tmp_path):
             assert [os.path.basename(f).split(".")[0] for f in data_args.train_file] == shards
             batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * gpus
             assert batch == 256 and training_args.bf16 and training_args.learning_rate == 3e-4
+
+
+def test_scripts_name_a_missing_path_and_a_missing_tokenizer(workdir, tmp_path):
+    """A README command run before its input exists: the scripts name the missing folder (not a Hub repo-id error),
+    and a model folder without a tokenizer says to pass --tokenizer (not "install sentencepiece or tiktoken")."""
+    scripts = load_example("scripts")
+    with pytest.raises(FileNotFoundError, match="--tokenizer 'outputs/demo/tokenizer': no such folder"):
+        load_example("train_autoencoder").main(
+            ["--tokenizer", "outputs/demo/tokenizer", "--train_file", str(workdir / "train.jsonl"), "--output_dir",
+             str(tmp_path / "ae"), "--use_cpu", "--report_to", "none"]
+        )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="--model './outputs/calm': no such folder"):
+        load_example("evaluate_brierlm").main(["--model", "./outputs/calm"])
+    scripts.check_path("org/name", "--model")  # may be a Hub id: left to transformers
+    factories.tiny_calm().save_pretrained(tmp_path / "calm")
+    with pytest.raises(ValueError, match="No tokenizer in .*: pass --tokenizer"):
+        load_example("evaluate_brierlm").main(["--model", str(tmp_path / "calm")])

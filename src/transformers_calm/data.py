@@ -25,8 +25,10 @@ n-th document).
 """
 
 import contextlib
+import glob
 import importlib.util
 import logging
+import os
 from itertools import chain
 
 from datasets import IterableDataset, load_dataset
@@ -139,9 +141,15 @@ def load_documents(path, sample_by="paragraph", streaming=False):
         raise ImportError(
             "Reading .zst files needs the `zstandard` package: `pip install zstandard` (or transformers-calm[zst])."
         )
+    _check_local_files(paths)
     file_format = formats.pop()
     options = {} if file_format == "json" else {"sample_by": sample_by}
-    dataset = load_dataset(file_format, data_files=paths, split="train", streaming=streaming, **options)
+    try:
+        dataset = load_dataset(file_format, data_files=paths, split="train", streaming=streaming, **options)
+    except ValueError as error:  # datasets: 'Instruction "train" corresponds to no data!' (files without a row)
+        if "corresponds to no data" not in str(error):
+            raise
+        raise ValueError(f"{path} holds no document with text: pass files with at least one document.") from error
     # A streamed JSON dataset knows its columns from its first file; when it does not, a missing `text` field fails
     # at the first read instead.
     if dataset.column_names is not None and "text" not in dataset.column_names:
@@ -154,7 +162,24 @@ def load_documents(path, sample_by="paragraph", streaming=False):
 
     if streaming:
         return dataset.filter(non_empty)
-    return dataset.filter(non_empty, desc="Dropping empty documents")
+    dataset = dataset.filter(non_empty, desc="Dropping empty documents")
+    if len(dataset) == 0:
+        raise ValueError(f"{path} holds no document with text: pass files with at least one non-empty document.")
+    return dataset
+
+
+def _check_local_files(paths):
+    """Local files and patterns that match nothing, or empty files, as an error that names them (datasets would raise
+    a `DatasetGenerationError` or a bare `StopIteration` deep inside its builders). Remote paths are left to it."""
+    for path in paths:
+        if "://" in path:
+            continue
+        matches = glob.glob(path) if glob.has_magic(path) else [path]
+        if not matches or not all(os.path.exists(match) for match in matches):
+            raise FileNotFoundError(f"No data file at {path!r} (looked in {os.getcwd()}): check the path or pattern.")
+        empty = [match for match in matches if os.path.isfile(match) and os.path.getsize(match) == 0]
+        if empty:
+            raise ValueError(f"The data file {empty[0]} is empty: pass files with at least one document.")
 
 
 def split_documents(documents, process_index, num_processes):
