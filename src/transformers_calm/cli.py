@@ -1,0 +1,312 @@
+"""The `calm` command line, in the style of `transformers`' and `accelerate`'s: `calm train`, `calm generate`,
+`calm evaluate`, `calm convert` (`calm <command> --help` for each).
+
+`calm train FILES --output_dir DIR` goes from text files to a CALM in one command: a tokenizer (trained on the files,
+or `--tokenizer`), the autoencoder, then the language model around it, with transformers' `Trainer` (progress bars,
+checkpoints: run the same command again to resume). DIR then holds the language model with its tokenizer and card,
+which `from_pretrained`, `pipeline("text-generation")` and `calm generate` load; DIR/autoencoder the autoencoder.
+`--preset` sets the sizes and steps (`tiny`: a first model in about two minutes on a laptop CPU; `cpu`: the demo's;
+`gpu-m`: the paper's CALM-M sizes and steps), each with the small-scale recipe (docs/small-scale.md: the flow head,
+l = 32, the head at 5x the learning rate, a constant schedule) unless `--recipe paper`.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+# The sizes and steps of each preset; the small-scale recipe's head and schedule (RECIPES) go with every one.
+PRESETS = {
+    "tiny": {
+        "vocab_size": 2048, "block_size": 128, "batch_size": 16, "patch_size": 4, "latent_size": 32,
+        "ae_hidden_size": 128, "ae_intermediate_size": 256, "ae_steps": 500, "ae_learning_rate": 6e-3,
+        "token_dropout": 0.05, "latent_dropout": 0.05, "hidden_size": 192, "intermediate_size": 512,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_mlp_layers": 2, "lm_steps": 200,
+        "lm_learning_rate": 2e-3,
+    },
+    "cpu": {  # examples/demo.py's
+        "vocab_size": 4096, "block_size": 256, "batch_size": 16, "patch_size": 4, "latent_size": 32,
+        "ae_hidden_size": 128, "ae_intermediate_size": 256, "ae_steps": 400, "ae_learning_rate": 6e-3,
+        "token_dropout": 0.05, "latent_dropout": 0.05, "hidden_size": 256, "intermediate_size": 704,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_mlp_layers": 2, "lm_steps": 250,
+        "lm_learning_rate": 2e-3,
+    },
+    "gpu-m": {  # the paper's autoencoder and CALM-M backbone, the official scripts' steps and learning rate
+        "vocab_size": 32768, "block_size": 2048, "batch_size": 32, "patch_size": 4, "latent_size": 128,
+        "ae_hidden_size": 512, "ae_intermediate_size": 1280, "ae_steps": 30000, "ae_learning_rate": 3e-4,
+        "token_dropout": 0.15, "latent_dropout": 0.15, "hidden_size": 768, "intermediate_size": 2048,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "num_mlp_layers": 4, "lm_steps": 250000,
+        "lm_learning_rate": 3e-4,
+    },
+}  # fmt: skip
+RECIPES = {
+    "small-scale": {"head_type": "flow", "head_learning_rate_scale": 5.0, "lr_scheduler_type": "constant_with_warmup"},
+    "paper": {"head_type": "energy", "head_learning_rate_scale": 1.0, "lr_scheduler_type": "constant_with_warmup"},
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="calm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _train_parser(commands.add_parser("train", help="text files -> tokenizer -> autoencoder -> CALM"))
+    generate = commands.add_parser("generate", help="continue a prompt with a trained CALM")
+    generate.add_argument("model", help="a CALM folder (calm train's --output_dir) or Hub id")
+    generate.add_argument("prompt", nargs="+", help="one or more prompts")
+    generate.add_argument("--max_new_tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=1.0, help="in (0, 1], likelihood-free")
+    generate.add_argument("--num_candidates", type=int, default=None, help="N of the temperature approximation")
+    generate.add_argument("--seed", type=int, default=0)
+    evaluate = commands.add_parser("evaluate", help="BrierLM of a model (CALM or any causal LM) on text files")
+    evaluate.add_argument("model")
+    evaluate.add_argument("files", nargs="+", help="JSON lines with a `text` field, or plain text")
+    evaluate.add_argument("--context_length", type=int, default=None, help="tokens per block")
+    evaluate.add_argument("--max_blocks", type=int, default=None)
+    evaluate.add_argument("--seed", type=int, default=0)
+    commands.add_parser("convert", help="official checkpoints to this layout (calm convert --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "convert":
+        from .convert_official import main as convert
+
+        return convert(rest) or 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"train": train, "generate": generate_text, "evaluate": evaluate_model}[args.command](args) or 0
+
+
+def _train_parser(parser):
+    parser.add_argument("files", nargs="+", help="training text: JSON lines with a `text` field, or plain text "
+                        "(blank lines separate documents); files or glob patterns, compressed or not")  # fmt: skip
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="small-scale")
+    parser.add_argument("--tokenizer", help="an existing tokenizer (default: train one on the files)")
+    parser.add_argument("--validation_file", help="held-out text (default: the last 5%% of the documents)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--restart", action="store_true", help="start over instead of resuming from DIR")
+    for name, value in PRESETS["tiny"].items():  # every preset field can be overridden
+        parser.add_argument(f"--{name}", type=type(value), default=None, help=argparse.SUPPRESS)
+
+
+def train(args) -> None:
+    """`calm train`: the three stages, each skipped when its result is in `--output_dir` (resumed from its last
+    checkpoint when it stopped on the way)."""
+    from .data import build_blocks, load_documents, prepare_tokenizer
+    from .tokenization import train_tokenizer
+
+    settings = {**PRESETS[args.preset], **RECIPES[args.recipe]}
+    settings.update({k: getattr(args, k) for k in PRESETS["tiny"] if getattr(args, k) is not None})
+    out = args.output_dir
+    if args.restart and os.path.isdir(out):
+        import shutil
+
+        shutil.rmtree(out)
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        _print(f'{out} holds a trained CALM already (--restart to train a new one): `calm generate {out} "Hello"`')
+        return
+    os.makedirs(out, exist_ok=True)
+    documents = load_documents(args.files)
+    if args.validation_file:
+        train_docs, heldout_docs = documents, load_documents(args.validation_file)
+    else:
+        if len(documents) < 2:
+            raise ValueError("calm train needs at least 2 documents (one is held out), or --validation_file.")
+        heldout = max(1, len(documents) // 20)
+        train_docs = documents.select(range(len(documents) - heldout))
+        heldout_docs = documents.select(range(len(documents) - heldout, len(documents)))
+
+    tokenizer_dir = os.path.join(out, "tokenizer")
+    if args.tokenizer:
+        tokenizer = prepare_tokenizer(args.tokenizer)
+    elif os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+        tokenizer = prepare_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = train_tokenizer(train_docs["text"], settings["vocab_size"])
+        tokenizer.save_pretrained(tokenizer_dir)
+    K, block_size = settings["patch_size"], settings["block_size"]
+    blocks = [build_blocks(docs, tokenizer, K, block_size) for docs in (train_docs, heldout_docs)]
+    for name, split in zip(("training", "held-out"), blocks, strict=True):
+        if len(split) == 0:
+            raise ValueError(
+                f"The {name} text is shorter than one block of {block_size} tokens: more text, or --block_size."
+            )
+    _print(
+        f"{len(blocks[0])} training blocks, {len(blocks[1])} held out, of {block_size} tokens; vocabulary {len(tokenizer)}"
+    )
+
+    autoencoder = _train_autoencoder(args, settings, tokenizer, blocks)
+    model, metrics = _train_language_model(args, settings, tokenizer, blocks, autoencoder)
+    _print(f"held-out BrierLM {metrics['eval_brierlm']:.2f} (Brier-1 {metrics['eval_brier1']:.4f})")
+    _print(f'saved to {out}: `calm generate {out} "Your prompt"`, or AutoModelForCausalLM.from_pretrained({out!r})')
+
+
+def _training_arguments(args, output_dir, settings, max_steps, learning_rate, **extra):
+    from .trainer_calm import CalmTrainingArguments
+
+    return CalmTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=settings["batch_size"],
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=max(max_steps // 13, 1),
+        adam_beta2=0.95,  # the official optimiser: AdamW (0.9, 0.95), weight decay 0.1, clipping at 1
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        logging_steps=max(max_steps // 10, 1),
+        save_strategy="steps",
+        save_steps=max(max_steps // 4, 1),
+        save_total_limit=1,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def _resume_from(output_dir):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def _train_autoencoder(args, settings, tokenizer, blocks):
+    from transformers import default_data_collator, set_seed
+
+    from .configuration_calm_autoencoder import CalmAutoencoderConfig
+    from .modeling_calm_autoencoder import CalmAutoencoder
+    from .trainer_calm_autoencoder import CalmAutoencoderTrainer
+
+    final = os.path.join(args.output_dir, "autoencoder")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        _print(f"autoencoder: {final} (already trained)")
+        return CalmAutoencoder.from_pretrained(final)
+    set_seed(args.seed)
+    config = CalmAutoencoderConfig(
+        vocab_size=len(tokenizer),
+        patch_size=settings["patch_size"],
+        latent_size=settings["latent_size"],
+        hidden_size=settings["ae_hidden_size"],
+        intermediate_size=settings["ae_intermediate_size"],
+        token_dropout=settings["token_dropout"],
+        latent_dropout=settings["latent_dropout"],
+        cast_embeddings_to_bf16_in_training=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    checkpoints = os.path.join(args.output_dir, "checkpoints", "autoencoder")
+    training_args = _training_arguments(
+        args, checkpoints, settings, settings["ae_steps"], settings["ae_learning_rate"], lr_scheduler_type="cosine"
+    )
+    trainer = CalmAutoencoderTrainer(
+        model=CalmAutoencoder(config),
+        args=training_args,
+        train_dataset=blocks[0],
+        eval_dataset=blocks[1],
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    _print(f"autoencoder: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {settings['ae_steps']} steps")
+    trainer.train(resume_from_checkpoint=_resume_from(checkpoints))
+    metrics = trainer.evaluate()
+    _print(f"autoencoder: held-out reconstruction accuracy {metrics['eval_reconstruction_accuracy']:.2%}")
+    trainer.save_model(final)
+    return trainer.model
+
+
+def _train_language_model(args, settings, tokenizer, blocks, autoencoder):
+    from transformers import LlamaConfig, default_data_collator, set_seed
+
+    from .modeling_calm import CalmForCausalLM
+    from .trainer_calm import CalmTrainer
+
+    set_seed(args.seed)
+    backbone = LlamaConfig(
+        hidden_size=settings["hidden_size"],
+        intermediate_size=settings["intermediate_size"],
+        num_hidden_layers=settings["num_hidden_layers"],
+        num_attention_heads=settings["num_attention_heads"],
+        max_position_embeddings=settings["block_size"] // settings["patch_size"],  # positions count chunks
+        rms_norm_eps=1e-6,
+    )
+    model = CalmForCausalLM.from_autoencoder(
+        autoencoder,
+        backbone_config=backbone,
+        head_type=settings["head_type"],
+        num_mlp_layers=settings["num_mlp_layers"],
+    )
+    checkpoints = os.path.join(args.output_dir, "checkpoints", "calm")
+    training_args = _training_arguments(
+        args,
+        checkpoints,
+        settings,
+        settings["lm_steps"],
+        settings["lm_learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler_type"],
+        head_learning_rate=settings["lm_learning_rate"] * settings["head_learning_rate_scale"],
+    )
+    trainer = CalmTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=blocks[0],
+        eval_dataset=blocks[1],
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _print(
+        f"CALM: {trainable / 1e6:.2f}M trainable parameters, {settings['head_type']} head, {settings['lm_steps']} steps"
+    )
+    trainer.train(resume_from_checkpoint=_resume_from(checkpoints))
+    metrics = trainer.evaluate()
+    trainer.save_model(args.output_dir)  # the model, its tokenizer (processing_class) and card
+    return trainer.model, metrics
+
+
+def generate_text(args) -> None:
+    """`calm generate`: print a continuation of every prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    set_seed(args.seed)
+    batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
+    options = {} if args.num_candidates is None else {"num_candidates": args.num_candidates}
+    out = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        **options,
+    )
+    for prompt, row in zip(args.prompt, out[:, batch["input_ids"].shape[1] :], strict=True):
+        print(prompt + tokenizer.decode(row, skip_special_tokens=True))
+
+
+def evaluate_model(args) -> None:
+    """`calm evaluate`: BrierLM (and Brier-1..4) as JSON."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .brierlm import score_model
+    from .data import load_documents
+
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    texts = list(load_documents(args.files)["text"])
+    result = score_model(
+        model, texts=texts, tokenizer=tokenizer, context_length=args.context_length, seed=args.seed,
+        max_blocks=args.max_blocks,
+    )  # fmt: skip
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=2))
+
+
+def _print(message: str) -> None:
+    print(f"[calm] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The `calm` command line (`transformers_calm.cli`): `calm train` from text files to a CALM that `from_pretrained`,
+`pipeline` and `calm generate` load; resuming; `calm evaluate`; `calm convert`; `train_tokenizer`."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from factories import WIKITEXT
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from transformers_calm import CalmForCausalLM
+from transformers_calm.cli import main
+from transformers_calm.tokenization import train_tokenizer
+
+# A preset smaller than "tiny", for seconds of CPU: the command line and the files, not the quality.
+SMALL = {"vocab_size": 300, "block_size": 32, "batch_size": 2, "ae_hidden_size": 32, "ae_intermediate_size": 48,
+         "hidden_size": 32, "intermediate_size": 64, "ae_steps": 4, "lm_steps": 4, "num_attention_heads": 2}  # fmt: skip
+
+
+def small(**overrides) -> list[str]:
+    return [part for name, value in {**SMALL, **overrides}.items() for part in (f"--{name}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "train.jsonl"
+    with open(WIKITEXT, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()][:20]
+    path.write_text("".join(json.dumps({"text": json.loads(line)["text"][:2000]}) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calm") / "model"
+    assert main(["train", str(text_file), "--output_dir", str(out), *small()]) == 0
+    return out
+
+
+def test_train_writes_a_model_that_transformers_loads(trained):
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    assert isinstance(model, CalmForCausalLM) and model.config.head_type == "flow"  # the small-scale recipe
+    assert model.config.latent_size == 32 and model.config.backbone_config.max_position_embeddings == 32 // 4
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    assert tokenizer.pad_token_id == 0 and len(tokenizer) == model.config.vocab_size
+    assert (trained / "autoencoder" / "config.json").is_file() and (trained / "README.md").is_file()
+    text = pipeline("text-generation", model=str(trained))("The game", max_new_tokens=8)[0]["generated_text"]
+    assert text.startswith("The game") and len(text) > len("The game")
+
+
+def test_generate_prints_each_prompt_with_its_continuation(trained, capsys):
+    assert (
+        main(["generate", str(trained), "The game", "In 1996 ,", "--max_new_tokens", "8", "--temperature", "0.5"]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("The game") and lines[1].startswith("In 1996 ,")
+
+
+def test_evaluate_prints_brierlm(trained, text_file, capsys):
+    main(["evaluate", str(trained), str(text_file), "--context_length", "32", "--max_blocks", "2"])
+    result = json.loads(capsys.readouterr().out)
+    assert {"brierlm", "brier1", "brier4"} <= result.keys()
+
+
+def test_train_resumes_and_skips_what_is_done(trained, text_file, tmp_path, capsys):
+    main(["train", str(text_file), "--output_dir", str(trained), *small()])  # a finished run: nothing to do
+    assert "holds a trained CALM already" in capsys.readouterr().err
+    # An interrupted run, as if the language model's stage had stopped after its checkpoint at step 4 (of 8).
+    out = tmp_path / "resumed"
+    main(["train", str(text_file), "--output_dir", str(out), *small()])
+    (out / "model.safetensors").unlink()
+    checkpoint = next((out / "checkpoints" / "calm").glob("checkpoint-*"))
+    main(["train", str(text_file), "--output_dir", str(out), *small(lm_steps=8)])
+    err = capsys.readouterr().err
+    assert "autoencoder: " in err and "(already trained)" in err
+    state = json.loads(
+        next((out / "checkpoints" / "calm").glob("checkpoint-8")).joinpath("trainer_state.json").read_text()
+    )
+    assert state["global_step"] == 8 and checkpoint.name == "checkpoint-4"
+    assert (out / "model.safetensors").is_file()
+
+
+def test_convert_and_help_reach_their_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--help"])
+    assert exit_info.value.code == 0 and "--autoencoder" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--preset" in capsys.readouterr().out
+
+
+def test_train_tokenizer_recipe():
+    tokenizer = train_tokenizer(["hello world, hello there"] * 20, vocab_size=300, show_progress=False)
+    ids = tokenizer("hello world")["input_ids"]
+    assert tokenizer.pad_token_id == 0 and ids[0] == tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hello world"
+    assert tokenizer.decode(tokenizer("naïve ☃")["input_ids"], skip_special_tokens=True) == "naïve ☃"  # bytes
+    with pytest.raises(ValueError, match="256 bytes"):
+        train_tokenizer(["a"], vocab_size=100)
+    assert torch.is_tensor(tokenizer("x", return_tensors="pt")["input_ids"])
+
+
+@pytest.mark.slow  # trains the tiny preset (about a minute on 2 CPU cores)
+def test_the_readme_first_steps_give_a_first_generation_in_minutes(tmp_path):
+    """The README's first steps, as written (after `make install`, which made this environment), with the console
+    script installed beside this Python: a first generation within the README's few minutes."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- first-steps:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith(".venv/bin/calm")]
+    assert [command[1] for command in commands] == ["train", "generate"]
+    calm = Path(sys.executable).parent / "calm"
+    assert calm.is_file(), f"no `calm` console script beside {sys.executable}: pip install -e . installs it"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1))}
+    start = time.perf_counter()
+    outputs = []
+    for command in commands:
+        command = [str(calm), *(str(tmp_path / "first") if part == "outputs/first" else part for part in command[1:])]
+        if command[1] == "train":
+            command[2] = str(Path(__file__).resolve().parent.parent / command[2])
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout)
+    seconds = time.perf_counter() - start
+    assert outputs[1].startswith("The history of") and len(outputs[1].strip()) > len("The history of")
+    assert seconds < 240, f"the first steps took {seconds:.0f} s after the install"
+    print(f"first steps after make install: {seconds:.0f} s")
