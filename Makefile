@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 STACK := '^(torch|transformers|datasets|evaluate|accelerate|huggingface.hub|peft|safetensors|tokenizers)=='
 
-.PHONY: demo test test-fast test-latest test-oldest lock lint install clean
+.PHONY: demo test test-fast test-latest test-oldest lock lint install clean docs
 
 # $(call fresh_venv,DIR,PIP_OPTIONS,TORCH): a new virtual environment in DIR; TORCH (a requirement) is installed first
 # and alone, because an unpinned torch pulled in by a dependency fetches a multi-GB CUDA build; then the package with
@@ -69,6 +69,11 @@ lock:
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed -e 's/^\(torch==[^+]*\)+.*/\1/'; \
 	} > $(LOCK)
 	rm -rf .venv-lock
+
+# The documentation site (docs/ and the API reference from the docstrings) into build/site; --strict: a broken link,
+# anchor or reference fails.
+docs: install
+	$(PY) -m mkdocs build --strict
 
 lint: install
 	$(PY) -m ruff check src tests examples benchmarks brierlm tools

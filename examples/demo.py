@@ -40,12 +40,10 @@ from scripts import (  # examples/scripts.py: the script's directory is on sys.p
     setup_logging,
     train_and_evaluate,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     Trainer,
     default_data_collator,
     set_seed,
@@ -60,6 +58,7 @@ from transformers_calm import (
     create_model_card,
 )
 from transformers_calm.data import prepare_tokenizer
+from transformers_calm.tokenization import train_tokenizer as calm_tokenizer
 from transformers_calm.trainer_calm_autoencoder import evaluate_reconstruction
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,32 +175,9 @@ def load_data(args):
 
 
 def train_tokenizer(texts, vocab_size, save_dir):
-    """Stage 2: a byte-level BPE tokenizer (GPT-2/Llama-3 style) that prepends BOS, as the Llama-3 tokenizer does.
-
-    `<pad>` gets id 0, so the autoencoder's DropToken (which writes id 0 in place of a dropped token, as the official
-    code does) writes the pad token rather than a real word.
-    """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: no unknown tokens
-        show_progress=True,
-    )
-    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
-    tokenizer.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-            ),
-        ]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    """Stage 2: the package's tokenizer recipe (`transformers_calm.tokenization.train_tokenizer`, as `calm train`
+    uses): byte-level BPE that prepends BOS, `<pad>` at id 0 (the id DropToken writes)."""
+    tokenizer = calm_tokenizer(texts, vocab_size)
     tokenizer.save_pretrained(save_dir)
     print(f"vocabulary {len(tokenizer)}; 'Hello world' -> {tokenizer('Hello world')['input_ids']} -> {save_dir}")
     return tokenizer
