@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU figures, on a machine with one CUDA GPU, in about 10 minutes:
+# The GPU figures of docs/benchmarks.md, on a machine with one CUDA GPU, in about 10 minutes:
 #
 #     benchmarks/gpu_suite.sh RESULTS_DIR [ARGS...]
 #

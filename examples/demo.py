@@ -134,7 +134,7 @@ def parse_args(argv=None):
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompt", default=None, help="Default: the first words of the first held-out document.")
     gen.add_argument("--max_new_tokens", type=int, default=48)
-    gen.add_argument("--temperature", type=float, default=0.5, help="In (0, 1]; likelihood-free (see README).")
+    gen.add_argument("--temperature", type=float, default=0.5, help="In (0, 1]; likelihood-free (see docs/generation.md).")
     gen.add_argument("--num_candidates", type=int, default=200, help="N of the batch temperature approximation.")
     return parser.parse_args(argv)
 
