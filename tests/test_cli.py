@@ -14,7 +14,7 @@ import torch
 from factories import WIKITEXT
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from transformers_calm import CalmForCausalLM
+from transformers_calm import CalmForCausalLM, CalmTrainer
 from transformers_calm.cli import main
 from transformers_calm.tokenization import train_tokenizer
 
@@ -68,22 +68,48 @@ def test_evaluate_prints_brierlm(trained, text_file, capsys):
     assert {"brierlm", "brier1", "brier4"} <= result.keys()
 
 
-def test_train_resumes_and_skips_what_is_done(trained, text_file, tmp_path, capsys):
+def test_train_resumes_and_skips_what_is_done(trained, text_file, tmp_path, capsys, monkeypatch):
     main(["train", str(text_file), "--output_dir", str(trained), *small()])  # a finished run: nothing to do
     assert "holds a trained CALM already" in capsys.readouterr().err
-    # An interrupted run, as if the language model's stage had stopped after its checkpoint at step 4 (of 8).
+    # A run stopped in the language model's stage at step 5 of 8, after its checkpoint at step 4.
     out = tmp_path / "resumed"
+    step = CalmTrainer.training_step
+
+    def stop_at_five(self, *args, **kwargs):
+        if self.state.global_step == 5:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CalmTrainer, "training_step", stop_at_five)
+        with pytest.raises(KeyboardInterrupt):
+            main(["train", str(text_file), "--output_dir", str(out), *small(lm_steps=8)])
+    assert [path.name for path in (out / "checkpoints" / "calm").iterdir()] == ["checkpoint-4"]
+    assert not (out / "model.safetensors").exists()
+    main(["train", str(text_file), "--output_dir", str(out), *small(lm_steps=8)])  # the same command again
+    assert "(already trained)" in capsys.readouterr().err  # the autoencoder's stage is not run again
+    state = json.loads((out / "checkpoints" / "calm" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8 and (out / "model.safetensors").is_file()
+
+
+def test_a_run_with_other_settings_or_a_foreign_folder_is_refused(trained, text_file, tmp_path):
+    with pytest.raises(ValueError, match="holds a run with other settings.*vocab_size 300 -> 500"):
+        main(["train", str(text_file), "--output_dir", str(trained), *small(vocab_size=500)])
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not made by calm train"):
+        main(["train", str(text_file), "--output_dir", str(foreign), "--restart", *small()])
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_restart_removes_only_what_calm_train_wrote(text_file, tmp_path):
+    out = tmp_path / "run"
     main(["train", str(text_file), "--output_dir", str(out), *small()])
-    (out / "model.safetensors").unlink()
-    checkpoint = next((out / "checkpoints" / "calm").glob("checkpoint-*"))
-    main(["train", str(text_file), "--output_dir", str(out), *small(lm_steps=8)])
-    err = capsys.readouterr().err
-    assert "autoencoder: " in err and "(already trained)" in err
-    state = json.loads(
-        next((out / "checkpoints" / "calm").glob("checkpoint-8")).joinpath("trainer_state.json").read_text()
-    )
-    assert state["global_step"] == 8 and checkpoint.name == "checkpoint-4"
-    assert (out / "model.safetensors").is_file()
+    (out / "notes.txt").write_text("keep me")
+    main(["train", str(text_file), "--output_dir", str(out), "--restart", *small(vocab_size=400)])
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert AutoTokenizer.from_pretrained(out).vocab_size <= 400 and (out / "model.safetensors").is_file()
 
 
 def test_convert_and_help_reach_their_commands(capsys):

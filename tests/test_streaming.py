@@ -122,6 +122,12 @@ def test_missing_empty_and_textless_files_say_so(tmp_path, name, streaming):
     (tmp_path / name).write_text("")
     with pytest.raises(ValueError, match=f"data file {tmp_path / name} is empty"):
         load_documents(str(tmp_path / name), streaming=streaming)
+    # An empty shard among others is left to datasets, which skips it; a recursive pattern finds nested files.
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    lines = json.dumps({"text": "one document"}) + "\n" if name.endswith("jsonl") else "one document\n"
+    (tmp_path / "deep" / "er" / name).write_text(lines)
+    (tmp_path / "deep" / f"empty-{name}").write_text("")
+    assert next(iter(load_documents(str(tmp_path / "deep" / "**" / f"*{name}"), streaming=streaming)))["text"]
     if not streaming:  # a stream only knows when it is read
         (tmp_path / name).write_text("\n\n" if name.endswith("txt") else json.dumps({"text": " "}) + "\n")
         with pytest.raises(ValueError, match="no document with text"):

@@ -82,11 +82,13 @@ def _train_parser(parser):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="small-scale")
     parser.add_argument("--tokenizer", help="an existing tokenizer (default: train one on the files)")
-    parser.add_argument("--validation_file", help="held-out text (default: the last 5%% of the documents)")
+    parser.add_argument("--validation_file", help="held-out text (default: the last 5%% of the training blocks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restart", action="store_true", help="start over instead of resuming from DIR")
+    sizes = parser.add_argument_group("sizes and steps (default: the preset's)")
     for name, value in PRESETS["tiny"].items():  # every preset field can be overridden
-        parser.add_argument(f"--{name}", type=type(value), default=None, help=argparse.SUPPRESS)
+        presets = ", ".join(f"{preset} {PRESETS[preset][name]}" for preset in PRESETS)
+        sizes.add_argument(f"--{name}", type=type(value), default=None, help=presets)
 
 
 def train(args) -> None:
@@ -97,39 +99,36 @@ def train(args) -> None:
 
     settings = {**PRESETS[args.preset], **RECIPES[args.recipe]}
     settings.update({k: getattr(args, k) for k in PRESETS["tiny"] if getattr(args, k) is not None})
+    settings["tokenizer"] = args.tokenizer
     out = args.output_dir
-    if args.restart and os.path.isdir(out):
-        import shutil
-
-        shutil.rmtree(out)
-    if os.path.isfile(os.path.join(out, "model.safetensors")):
+    if args.restart:
+        _remove_run(out)
+    if _same_run(out, settings) and os.path.isfile(os.path.join(out, "model.safetensors")):
         _print(f'{out} holds a trained CALM already (--restart to train a new one): `calm generate {out} "Hello"`')
         return
-    os.makedirs(out, exist_ok=True)
     documents = load_documents(args.files)
-    if args.validation_file:
-        train_docs, heldout_docs = documents, load_documents(args.validation_file)
-    else:
-        if len(documents) < 2:
-            raise ValueError("calm train needs at least 2 documents (one is held out), or --validation_file.")
-        heldout = max(1, len(documents) // 20)
-        train_docs = documents.select(range(len(documents) - heldout))
-        heldout_docs = documents.select(range(len(documents) - heldout, len(documents)))
-
     tokenizer_dir = os.path.join(out, "tokenizer")
     if args.tokenizer:
         tokenizer = prepare_tokenizer(args.tokenizer)
     elif os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         tokenizer = prepare_tokenizer(tokenizer_dir)
     else:
-        tokenizer = train_tokenizer(train_docs["text"], settings["vocab_size"])
+        tokenizer = train_tokenizer(documents["text"], settings["vocab_size"])
         tokenizer.save_pretrained(tokenizer_dir)
     K, block_size = settings["patch_size"], settings["block_size"]
-    blocks = [build_blocks(docs, tokenizer, K, block_size) for docs in (train_docs, heldout_docs)]
+    blocks = build_blocks(documents, tokenizer, K, block_size)
+    if args.validation_file:
+        blocks = [blocks, build_blocks(load_documents(args.validation_file), tokenizer, K, block_size)]
+    elif len(blocks) >= 2:  # the last 5% of the blocks (at least one) are held out
+        heldout = max(1, len(blocks) // 20)
+        blocks = [blocks.select(range(len(blocks) - heldout)), blocks.select(range(len(blocks) - heldout, len(blocks)))]
+    else:
+        blocks = [blocks, blocks.select([])]
     for name, split in zip(("training", "held-out"), blocks, strict=True):
         if len(split) == 0:
             raise ValueError(
-                f"The {name} text is shorter than one block of {block_size} tokens: more text, or --block_size."
+                f"The {name} text holds no block of {block_size} tokens: more text (at least two blocks without "
+                "--validation_file), or a smaller --block_size."
             )
     _print(
         f"{len(blocks[0])} training blocks, {len(blocks[1])} held out, of {block_size} tokens; vocabulary {len(tokenizer)}"
@@ -139,6 +138,50 @@ def train(args) -> None:
     model, metrics = _train_language_model(args, settings, tokenizer, blocks, autoencoder)
     _print(f"held-out BrierLM {metrics['eval_brierlm']:.2f} (Brier-1 {metrics['eval_brier1']:.4f})")
     _print(f'saved to {out}: `calm generate {out} "Your prompt"`, or AutoModelForCausalLM.from_pretrained({out!r})')
+
+
+RUN_FILE = "calm_train.json"  # the settings of the run that made a folder: a later run must have the same
+# What calm train writes into --output_dir (besides the saved model's files, which the save lists in RUN_FILE).
+RUN_FOLDERS = ("checkpoints", "autoencoder", "tokenizer")
+
+
+def _same_run(out: str, settings: dict) -> bool:
+    """Records `settings` in a new run's folder; in the folder of an earlier run, an error unless they are the same (a
+    resumed run with other sizes would mix two models). True when the folder holds an earlier run."""
+    path = os.path.join(out, RUN_FILE)
+    if not os.path.isfile(path):
+        os.makedirs(out, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"settings": settings}, f, indent=2)
+        return False
+    with open(path, encoding="utf-8") as f:
+        earlier = json.load(f)["settings"]
+    changed = sorted(name for name in {*earlier, *settings} if earlier.get(name) != settings.get(name))
+    if changed:
+        differences = ", ".join(f"{name} {earlier.get(name)!r} -> {settings.get(name)!r}" for name in changed)
+        raise ValueError(
+            f"{out} holds a run with other settings ({differences}): rerun with the same options to resume it, pass "
+            "--restart to train anew there, or another --output_dir."
+        )
+    return True
+
+
+def _remove_run(out: str) -> None:
+    """What an earlier calm train wrote into `out` (only a folder it made: one with its RUN_FILE); other files stay."""
+    path = os.path.join(out, RUN_FILE)
+    if not os.path.isdir(out):
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"--restart: {out} was not made by calm train (no {RUN_FILE}); nothing is removed there.")
+    import shutil
+
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f).get("saved", [])
+    for name in RUN_FOLDERS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    for name in [*saved, RUN_FILE]:
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 def _training_arguments(args, output_dir, settings, max_steps, learning_rate, **extra):
@@ -160,6 +203,7 @@ def _training_arguments(args, output_dir, settings, max_steps, learning_rate, **
         save_total_limit=1,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # as the official GPU runs
         seed=args.seed,
         dataloader_num_workers=0,
         **extra,
@@ -180,7 +224,7 @@ def _train_autoencoder(args, settings, tokenizer, blocks):
     from .trainer_calm_autoencoder import CalmAutoencoderTrainer
 
     final = os.path.join(args.output_dir, "autoencoder")
-    if os.path.isfile(os.path.join(final, "config.json")):
+    if os.path.isfile(os.path.join(final, "model.safetensors")):
         _print(f"autoencoder: {final} (already trained)")
         return CalmAutoencoder.from_pretrained(final)
     set_seed(args.seed)
@@ -262,19 +306,26 @@ def _train_language_model(args, settings, tokenizer, blocks, autoencoder):
     )
     trainer.train(resume_from_checkpoint=_resume_from(checkpoints))
     metrics = trainer.evaluate()
+    before = set(os.listdir(args.output_dir))
     trainer.save_model(args.output_dir)  # the model, its tokenizer (processing_class) and card
+    path = os.path.join(args.output_dir, RUN_FILE)
+    with open(path, encoding="utf-8") as f:
+        run = json.load(f)
+    run["saved"] = sorted(set(os.listdir(args.output_dir)) - before - {RUN_FILE})  # what --restart removes
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=2)
     return trainer.model, metrics
 
 
 def generate_text(args) -> None:
     """`calm generate`: print a continuation of every prompt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, set_seed
 
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    model = _load_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"
     set_seed(args.seed)
-    batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
+    batch = tokenizer(args.prompt, return_tensors="pt", padding=True).to(model.device)
     options = {} if args.num_candidates is None else {"num_candidates": args.num_candidates}
     out = model.generate(
         input_ids=batch["input_ids"],
@@ -289,12 +340,12 @@ def generate_text(args) -> None:
 
 def evaluate_model(args) -> None:
     """`calm evaluate`: BrierLM (and Brier-1..4) as JSON."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .brierlm import score_model
     from .data import load_documents
 
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    model = _load_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     texts = list(load_documents(args.files)["text"])
     result = score_model(
@@ -302,6 +353,16 @@ def evaluate_model(args) -> None:
         max_blocks=args.max_blocks,
     )  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=2))
+
+
+def _load_model(path: str):
+    """The model of `path` (a folder or a Hub id) in eval mode, on the GPU when there is one."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"{path!r}: no such folder (looked in {os.getcwd()}).")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def _print(message: str) -> None:

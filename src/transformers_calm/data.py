@@ -174,12 +174,11 @@ def _check_local_files(paths):
     for path in paths:
         if "://" in path:
             continue
-        matches = glob.glob(path) if glob.has_magic(path) else [path]
+        matches = glob.glob(path, recursive=True) if glob.has_magic(path) else [path]
         if not matches or not all(os.path.exists(match) for match in matches):
             raise FileNotFoundError(f"No data file at {path!r} (looked in {os.getcwd()}): check the path or pattern.")
-        empty = [match for match in matches if os.path.isfile(match) and os.path.getsize(match) == 0]
-        if empty:
-            raise ValueError(f"The data file {empty[0]} is empty: pass files with at least one document.")
+        if all(os.path.isfile(match) and os.path.getsize(match) == 0 for match in matches):
+            raise ValueError(f"The data file {matches[0]} is empty: pass files with at least one document.")
 
 
 def split_documents(documents, process_index, num_processes):

@@ -283,7 +283,6 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         """The one place that freezes the autoencoder: no gradients, always eval mode (no DropToken/DropLatent, no bf16
         embedding cast). Called wherever transformers or torch could undo it: after init, after loading (`from_pretrained`
         creates new parameters, then ties weights) and on every `train()`."""
-        check_no_adapters(self.autoencoder)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
 
@@ -292,6 +291,8 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
         self._freeze_autoencoder()
 
     def train(self, mode: bool = True):
+        if mode:  # adapters in the frozen autoencoder would never train (loading or running them is fine)
+            check_no_adapters(self.autoencoder)
         super().train(mode)
         self._freeze_autoencoder()
         return self

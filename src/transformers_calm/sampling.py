@@ -55,6 +55,10 @@ def _split_inverse_temperature(temperature: float) -> tuple[int, float]:
     return n, inverse - n
 
 
+# The exact sampler's batches of draws double from max(n, 8) up to this many samples per row and call.
+MAX_DRAWS_PER_CALL = 1024
+
+
 class ExactSampleOutput(NamedTuple):
     """Result of [`exact_temperature_sample`].
 
@@ -115,7 +119,7 @@ def exact_temperature_sample(
             ([`batch_temperature_sample`]) over all the draws it has seen; `exact` marks such rows False.
         draws_per_call (`int`, *optional*):
             Samples requested per `draw` call. By default the calls grow: `max(n, 8)`, then twice as many at every
-            call (one head call per batch of draws, so a chunk costs about log2 of its draws in calls; a head call of
+            call up to `MAX_DRAWS_PER_CALL` (1024) (one head call per batch of draws, so a chunk costs about log2 of its draws in calls; a head call of
             the flow or diffusion head is 10 or 100 network passes). The draws are independent, so the batch sizes
             do not change the distribution; draws left in a batch after a row accepts are discarded.
 
@@ -187,8 +191,8 @@ def exact_temperature_sample(
         active_rows = remaining.nonzero().squeeze(1)
         num = min(draws_per_call, int((max_draws - num_draws[active_rows]).max()))
         pending = (_call_draw(draw, num, active_rows, batch_size), active_rows)
-        if growing:
-            draws_per_call *= 2
+        if growing:  # up to MAX_DRAWS_PER_CALL samples per row in one head call (memory)
+            draws_per_call = min(2 * draws_per_call, max(MAX_DRAWS_PER_CALL, n))
 
     exact = done.clone()
     if not exact.all():
