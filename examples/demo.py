@@ -35,7 +35,6 @@ from contextlib import contextmanager
 
 import torch
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
-    OfficialTrainingArguments,
     ScriptDataArguments,
     setup_logging,
     train_and_evaluate,
@@ -59,6 +58,7 @@ from transformers_calm import (
 )
 from transformers_calm.data import prepare_tokenizer
 from transformers_calm.tokenization import train_tokenizer as calm_tokenizer
+from transformers_calm.trainer_calm import OfficialTrainingArguments
 from transformers_calm.trainer_calm_autoencoder import evaluate_reconstruction
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +134,9 @@ def parse_args(argv=None):
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompt", default=None, help="Default: the first words of the first held-out document.")
     gen.add_argument("--max_new_tokens", type=int, default=48)
-    gen.add_argument("--temperature", type=float, default=0.5, help="In (0, 1]; likelihood-free (see docs/generation.md).")
+    gen.add_argument(
+        "--temperature", type=float, default=0.5, help="In (0, 1]; likelihood-free (see docs/generation.md)."
+    )
     gen.add_argument("--num_candidates", type=int, default=200, help="N of the batch temperature approximation.")
     return parser.parse_args(argv)
 

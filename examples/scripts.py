@@ -15,8 +15,8 @@ import datasets
 import torch
 import transformers
 
+from transformers_calm.cli import check_path
 from transformers_calm.data import load_blocks
-from transformers_calm.trainer_calm import CalmTrainingArguments
 
 
 @dataclass
@@ -72,20 +72,6 @@ class ScriptDataArguments:
         )
 
 
-@dataclass
-class OfficialTrainingArguments(CalmTrainingArguments):
-    """`CalmTrainingArguments` whose defaults are the official CALM runs' optimiser settings: AdamW (0.9, 0.95), weight
-    decay 0.1, constant learning rate 3e-4, gradient clipping 1.0, one learning rate for every parameter (no
-    `head_learning_rate`). (The official warmup_steps, 1000 for the autoencoder and 2000 for CALM, are ignored by the
-    "constant" scheduler, so they are not set.)"""
-
-    learning_rate: float = field(default=3e-4)
-    adam_beta2: float = field(default=0.95)
-    weight_decay: float = field(default=0.1)
-    lr_scheduler_type: str = field(default="constant")
-    max_grad_norm: float = field(default=1.0)
-
-
 def count_blocks(dataset) -> str:
     """`"1,234"`, or `"streamed"` for a dataset without a length, for the scripts' log lines."""
     return f"{len(dataset):,}" if hasattr(dataset, "__len__") else "streamed"
@@ -93,16 +79,6 @@ def count_blocks(dataset) -> str:
 
 # The files a saved tokenizer consists of (one of them is enough for AutoTokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
-
-
-def check_path(path: str | None, what: str) -> None:
-    """`path` (a folder, or a Hub id) for `what` (e.g. "--model"): a local-looking path that does not exist is an error
-    that names it, instead of transformers' "Repo id must be in the form 'repo_name'" (a Hub id is `name` or
-    `org/name`; anything with more parts, or starting with `.`, `/` or `~`, can only be local)."""
-    if not path or os.path.exists(path):
-        return
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
-        raise FileNotFoundError(f"{what} {path!r}: no such folder (looked in {os.getcwd()}).")
 
 
 def load_tokenizer(path: str, what: str = "--tokenizer"):

@@ -32,7 +32,6 @@ import logging
 from dataclasses import dataclass, field
 
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
-    OfficialTrainingArguments,
     ScriptDataArguments,
     check_path,
     close_distributed,
@@ -45,6 +44,7 @@ from transformers import HfArgumentParser, default_data_collator, set_seed
 
 from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmAutoencoderTrainer
 from transformers_calm.data import prepare_tokenizer
+from transformers_calm.trainer_calm import OfficialTrainingArguments
 
 logger = logging.getLogger(__name__)
 

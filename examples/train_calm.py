@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 
 import torch
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
-    OfficialTrainingArguments,
     ScriptDataArguments,
     check_path,
     close_distributed,
@@ -58,6 +57,8 @@ from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, default_da
 
 from transformers_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
 from transformers_calm.data import PACKINGS
+from transformers_calm.modeling_calm_autoencoder import autoencoder_mismatch
+from transformers_calm.trainer_calm import OfficialTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +144,12 @@ class CalmTrainingArguments(OfficialTrainingArguments):
 
 def check_same_autoencoder(model_ae_config, given_ae_config):
     """--model_name_or_path holds its autoencoder: a --autoencoder of another K, l or vocabulary is an error."""
-    fields = ("patch_size", "latent_size", "vocab_size")
-    if any(getattr(model_ae_config, name) != getattr(given_ae_config, name) for name in fields):
+    mismatch = autoencoder_mismatch(model_ae_config, given_ae_config)
+    if mismatch:
         raise ValueError(
-            "--autoencoder (K = {}, l = {}, vocabulary {}) is not the autoencoder inside --model_name_or_path (K = {}, "
-            "l = {}, vocabulary {}), which the model keeps: drop --autoencoder to train the model further, or drop "
-            "--model_name_or_path to train a new language model around this autoencoder.".format(
-                *(getattr(c, n) for c in (given_ae_config, model_ae_config) for n in fields)
-            )
+            f"--autoencoder ({mismatch}) is not the autoencoder inside --model_name_or_path, which the model keeps: "
+            "drop --autoencoder to train the model further, or drop --model_name_or_path to train a new language "
+            "model around this autoencoder."
         )
 
 

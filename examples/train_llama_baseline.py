@@ -21,7 +21,6 @@ import logging
 from dataclasses import dataclass, field
 
 from scripts import (  # examples/scripts.py: the script's directory is on sys.path
-    OfficialTrainingArguments,
     ScriptDataArguments,
     close_distributed,
     load_tokenizer,
@@ -39,6 +38,7 @@ from transformers import (
 )
 
 from transformers_calm.data import PACKINGS
+from transformers_calm.trainer_calm import OfficialTrainingArguments
 from transformers_calm.trainer_streaming import StreamedTrainingDataMixin
 
 logger = logging.getLogger(__name__)

@@ -185,18 +185,15 @@ def _remove_run(out: str) -> None:
 
 
 def _training_arguments(args, output_dir, settings, max_steps, learning_rate, **extra):
-    from .trainer_calm import CalmTrainingArguments
+    from .trainer_calm import OfficialTrainingArguments  # the official optimiser: AdamW (0.9, 0.95), wd 0.1, clip 1
 
-    return CalmTrainingArguments(
+    return OfficialTrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=settings["batch_size"],
         per_device_eval_batch_size=settings["batch_size"],
         max_steps=max_steps,
         learning_rate=learning_rate,
         warmup_steps=max(max_steps // 13, 1),
-        adam_beta2=0.95,  # the official optimiser: AdamW (0.9, 0.95), weight decay 0.1, clipping at 1
-        weight_decay=0.1,
-        max_grad_norm=1.0,
         logging_steps=max(max_steps // 10, 1),
         save_strategy="steps",
         save_steps=max(max_steps // 4, 1),
@@ -355,12 +352,22 @@ def evaluate_model(args) -> None:
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=2))
 
 
+def check_path(path: str | None, what: str) -> None:
+    """`path` (a folder, or a Hub id) for `what` (e.g. "--model"): a local-looking path that does not exist is an error
+    that names it, instead of transformers' "Repo id must be in the form 'repo_name'" (a Hub id is `name` or
+    `org/name`; anything with more parts, or starting with `.`, `/` or `~`, can only be local). The example scripts
+    check their paths with it too."""
+    if not path or os.path.exists(path):
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        raise FileNotFoundError(f"{what} {path!r}: no such folder (looked in {os.getcwd()}).")
+
+
 def _load_model(path: str):
     """The model of `path` (a folder or a Hub id) in eval mode, on the GPU when there is one."""
     from transformers import AutoModelForCausalLM
 
-    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise FileNotFoundError(f"{path!r}: no such folder (looked in {os.getcwd()}).")
+    check_path(path, "model")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     return model.to("cuda") if torch.cuda.is_available() else model
 

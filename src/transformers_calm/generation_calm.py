@@ -22,7 +22,7 @@ from transformers.generation import GenerateDecoderOnlyOutput, MaxLengthCriteria
 
 from .compat import CACHE_NAME, cache_max_length
 from .generation_configuration_calm import CalmGenerationConfig
-from .generation_steps import CalmDecodingSteps, check_prompt_mask
+from .generation_steps import CalmDecodingSteps, check_prompt_mask, has_right_padding
 from .modeling_calm_autoencoder import check_autoencoder_matches
 from .sampling import check_temperature
 
@@ -54,6 +54,12 @@ class CalmPrompt:
     read_embeds: torch.Tensor | None
     position_ids: torch.LongTensor | None
     cache: Cache | None
+
+    @property
+    def hidden_tokens(self) -> int:
+        """Tokens the backbone reads besides the returned sequences: the left fill, and a prompt given as
+        embeddings alone."""
+        return self.token_mask.shape[1] - self.input_ids.shape[1]
 
     @property
     def padded(self) -> bool:
@@ -262,7 +268,7 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         if attention_mask is None and inputs_embeds is None:
             # As transformers: left pads are recognised by the pad id (unless it is also the EOS id).
             attention_mask = self._prepare_attention_mask_for_generation(input_ids, generation_config, {})
-            if not bool(attention_mask[:, -1].all()) or bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+            if not bool(attention_mask[:, -1].all()) or has_right_padding(attention_mask):
                 attention_mask = None  # pad ids inside a prompt are tokens, not left padding
         batch_size = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         attention_mask = check_prompt_mask(attention_mask, (batch_size, length), device)
@@ -307,8 +313,6 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         stopping criteria; returns `(criteria, max_length)`, the length of the sequences generation stops at."""
         prompt_length = prompt.input_ids.shape[1]
         K = self.config.patch_size
-        # Tokens the backbone holds besides the returned sequences: the left fill and a prompt given as embeddings.
-        hidden_tokens = prompt.token_mask.shape[1] - prompt_length
         with_embeds = prompt.read_embeds is not None and prompt_length == 0
         generation_config = self._prepare_generated_length(
             generation_config,
@@ -320,7 +324,7 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         )
         if defaults["max_length"] and generation_config.max_new_tokens is None:
             # transformers clamps its default length to the context; CALM's context is in chunks of K tokens.
-            room = self.config.max_tokens - hidden_tokens
+            room = self.config.max_tokens - prompt.hidden_tokens
             generation_config.max_length = min(generation_config.max_length, max(room, prompt_length + 1))
         self._validate_generated_length(generation_config, prompt_length, defaults["max_length"])
         criteria = self._get_stopping_criteria(
@@ -330,7 +334,7 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         # criterion replace the default one).
         lengths = [c.max_length for c in criteria if isinstance(c, MaxLengthCriteria)]
         max_length = min(lengths, default=generation_config.max_length)
-        if max_length + hidden_tokens > self.config.max_tokens:
+        if max_length + prompt.hidden_tokens > self.config.max_tokens:
             raise ValueError(
                 f"The prompt ({prompt.token_mask.shape[1] - prompt.fill} tokens, padded to whole chunks of K = {K}) "
                 f"and the continuation up to max_length = {max_length} exceed the model's context of "
@@ -342,8 +346,7 @@ class CalmGenerationMixin(GenerationMixin, CalmDecodingSteps):
         """The backbone's cache: the one to continue from, a `StaticCache` of every chunk of prompt and continuation
         (`cache_implementation="static"`), a `DynamicCache`, or none (`use_cache=False`)."""
         static = generation_config.cache_implementation == "static"
-        hidden_tokens = prompt.token_mask.shape[1] - prompt.input_ids.shape[1]
-        chunks = (hidden_tokens + max_length + self.config.patch_size - 1) // self.config.patch_size
+        chunks = (prompt.hidden_tokens + max_length + self.config.patch_size - 1) // self.config.patch_size
         if prompt.cache is not None:
             room = cache_max_length(prompt.cache)
             if room is not None and 0 <= room < chunks:

@@ -205,6 +205,11 @@ def _append_chunk(sequences, chunk, unfinished, eos, pad, max_length):
     return sequences, unfinished, sequences.shape[1] >= max_length
 
 
+def has_right_padding(attention_mask: torch.Tensor) -> bool:
+    """Whether a 0 follows a 1 in some row: padding that is not all on the left."""
+    return bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any())
+
+
 def check_prompt_mask(attention_mask, shape, device) -> torch.LongTensor:
     """The prompt's attention mask (all ones when `None`), checked: its shape, left padding only, a token per row."""
     if attention_mask is None:
@@ -212,7 +217,7 @@ def check_prompt_mask(attention_mask, shape, device) -> torch.LongTensor:
     if tuple(attention_mask.shape) != tuple(shape):
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match the prompt {tuple(shape)}.")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+    if has_right_padding(attention_mask):
         raise ValueError(
             "Found right padding in attention_mask: pads would sit between a prompt and its continuation. Pad prompts "
             "on the left (tokenizer.padding_side = 'left')."
@@ -222,4 +227,10 @@ def check_prompt_mask(attention_mask, shape, device) -> torch.LongTensor:
     return attention_mask
 
 
-__all__ = ["MIN_LENGTH_REDRAWS", "CalmDecodingSteps", "check_prompt_mask", "eos_ids_of_plain_criteria"]
+__all__ = [
+    "MIN_LENGTH_REDRAWS",
+    "CalmDecodingSteps",
+    "check_prompt_mask",
+    "eos_ids_of_plain_criteria",
+    "has_right_padding",
+]

@@ -59,19 +59,30 @@ def check_input_ids(input_ids: torch.LongTensor, config) -> None:
         )
 
 
+def autoencoder_mismatch(expected, given) -> str | None:
+    """`None` when two autoencoder configs agree on what a language model around them depends on (K, l, the
+    vocabulary); else `"K = .., l = .., vocabulary .. instead of K = .., l = .., vocabulary .."` for an error."""
+
+    def shape(config) -> tuple[int, int, int]:
+        return config.patch_size, config.latent_size, config.vocab_size
+
+    if shape(given) == shape(expected):  # checked on every forward: the text only for an error
+        return None
+    return "K = {}, l = {}, vocabulary {} instead of K = {}, l = {}, vocabulary {}".format(
+        *shape(given), *shape(expected)
+    )
+
+
 def check_autoencoder_matches(built_config, autoencoder) -> None:
     """An error that says how to fix it when a language model's `autoencoder` is not the one it was built around
     (`built_config`, its `config.autoencoder_config`): K, l or the vocabulary differ, e.g. after `model.autoencoder =
     other`. Its backbone reads and its head predicts that autoencoder's chunks and latent vectors."""
-    fields = ("patch_size", "latent_size", "vocab_size")
-    present = autoencoder.config
-    if any(getattr(built_config, name) != getattr(present, name) for name in fields):
+    mismatch = autoencoder_mismatch(built_config, autoencoder.config)
+    if mismatch:
         raise ValueError(
-            "model.autoencoder (K = {}, l = {}, vocabulary {}) is not the autoencoder this model was built around (K = "
-            "{}, l = {}, vocabulary {}): its backbone reads and its head predicts that one's chunks and latents. Build a "
-            "new model around the new autoencoder (CalmForCausalLM.from_autoencoder) and train it.".format(
-                *(getattr(config, name) for config in (present, built_config) for name in fields)
-            )
+            f"model.autoencoder ({mismatch}) is not the autoencoder this model was built around: its backbone reads "
+            "and its head predicts that one's chunks and latents. Build a new model around the new autoencoder "
+            "(CalmForCausalLM.from_autoencoder) and train it."
         )
 
 
@@ -445,6 +456,7 @@ __all__ = [
     "CalmAutoencoder",
     "CalmAutoencoderOutput",
     "CalmAutoencoderPreTrainedModel",
+    "autoencoder_mismatch",
     "check_autoencoder_matches",
     "check_input_ids",
     "check_no_adapters",

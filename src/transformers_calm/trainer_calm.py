@@ -24,7 +24,7 @@ from .brierlm import MAX_N, brierlm_from_briers, model_brier_terms
 from .trainer_logging import LossTermsLoggingMixin
 from .trainer_streaming import StreamedTrainingDataMixin
 
-__all__ = ["CalmMetrics", "CalmTrainer", "CalmTrainingArguments", "block_fingerprints"]
+__all__ = ["CalmMetrics", "CalmTrainer", "CalmTrainingArguments", "OfficialTrainingArguments", "block_fingerprints"]
 
 # Columns of the per-block statistics that `CalmTrainer.prediction_step` returns as "predictions" (one row per eval
 # block). The Trainer gathers them over processes and drops the blocks that the last batch repeats to even out
@@ -125,6 +125,20 @@ class CalmTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.head_learning_rate is not None and not self.head_learning_rate > 0:
             raise ValueError(f"head_learning_rate must be > 0 (or None: learning_rate), got {self.head_learning_rate}.")
+
+
+@dataclass
+class OfficialTrainingArguments(CalmTrainingArguments):
+    """`CalmTrainingArguments` whose defaults are the official CALM runs' optimiser settings: AdamW (0.9, 0.95), weight
+    decay 0.1, constant learning rate 3e-4, gradient clipping 1.0, one learning rate for every parameter (no
+    `head_learning_rate`). (The official warmup_steps, 1000 for the autoencoder and 2000 for CALM, are ignored by the
+    "constant" scheduler, so they are not set.) `calm train` and the example scripts train with them."""
+
+    learning_rate: float = field(default=3e-4)
+    adam_beta2: float = field(default=0.95)
+    weight_decay: float = field(default=0.1)
+    lr_scheduler_type: str = field(default="constant")
+    max_grad_norm: float = field(default=1.0)
 
 
 class CalmTrainer(LossTermsLoggingMixin, StreamedTrainingDataMixin, Trainer):
