@@ -21,7 +21,7 @@ grad clip 1.0, bf16; the official global batch is 256 blocks of 2048 tokens):
 
 Tiny CPU run (see examples/demo.py, which also trains the small tokenizer used here):
 
-    python examples/train_autoencoder.py --tokenizer outputs/demo/tokenizer --train_file outputs/demo/data/train.jsonl \
+    python examples/train_autoencoder.py --tokenizer outputs/demo/calm/tokenizer --train_file outputs/demo/data/train.jsonl \
         --validation_file outputs/demo/data/validation.jsonl --hidden_size 128 --intermediate_size 256 \
         --block_size 256 --max_steps 300 --learning_rate 3e-3 --use_cpu --output_dir outputs/ae-tiny
 

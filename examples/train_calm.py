@@ -28,7 +28,7 @@ stands, so --resume_from_checkpoint continues at the next unseen block:
 Tiny CPU run, on the autoencoder of examples/demo.py (2 processes: `torchrun --nproc_per_node 2 ...` or `accelerate
 launch --multi_gpu --num_processes 2 ...`; note that `accelerate launch --cpu --num_processes 2` runs ONE process):
 
-    python examples/train_calm.py --autoencoder outputs/demo/autoencoder --train_file outputs/demo/data/train.jsonl \
+    python examples/train_calm.py --autoencoder outputs/demo/calm/autoencoder --train_file outputs/demo/data/train.jsonl \
         --validation_file outputs/demo/data/validation.jsonl --block_size 256 --hidden_size 128 \
         --intermediate_size 256 --num_hidden_layers 4 --num_attention_heads 4 --num_key_value_heads 4 \
         --max_steps 300 --learning_rate 1e-3 --use_cpu --output_dir outputs/calm-tiny

@@ -8,7 +8,7 @@ same ones for a same-size baseline (the Llama then also has a token embedding an
 where CALM has its chunk compression, energy head and frozen autoencoder). Evaluate both with
 `examples/evaluate_brierlm.py`, at the same block size.
 
-    python examples/train_llama_baseline.py --tokenizer outputs/demo/autoencoder \
+    python examples/train_llama_baseline.py --tokenizer outputs/demo/calm \
         --train_file outputs/demo/data/train.jsonl --block_size 256 --hidden_size 128 --intermediate_size 352 \
         --num_hidden_layers 4 --num_attention_heads 4 --num_key_value_heads 4 --max_steps 300 \
         --per_device_train_batch_size 16 --learning_rate 1e-3 --use_cpu --output_dir outputs/llama-baseline

@@ -1,6 +1,13 @@
 """Constants and small helpers shared by the test modules (importable as `common`: pytest puts tests/ on sys.path).
 The tiny models themselves come from `factories`."""
 
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from huggingface_hub.errors import EntryNotFoundError
 from transformers import TrainerCallback
 
 # What CalmTrainer.evaluate() reports.
@@ -37,3 +44,44 @@ class StopAt(TrainerCallback):
         if state.global_step == self.step:
             control.should_training_stop = True
         return control
+
+
+@contextmanager
+def mocked_hub(remote_card: ModelCard | None = None, card_error: Exception | None = None):
+    """Mock the public Hub API that `push_to_hub` uses (`HfApi.create_repo`, `HfApi.create_branch`,
+    `HfApi.create_commit`, `ModelCard.load`); yield a namespace with `commits` (each `{"repo_id", "commit_message",
+    "files": {path_in_repo: bytes}, **other create_commit arguments}`) and the mocks `create_repo`, `create_branch`,
+    `card_load`. The repository has no README (`card_error`, default `EntryNotFoundError`) unless `remote_card` is
+    given."""
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        # Read the files now: push_to_hub deletes its temporary folder as soon as this returns.
+        files = {}
+        for op in operations:
+            source = op.path_or_fileobj
+            files[op.path_in_repo] = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+        commits.append({"repo_id": repo_id, "commit_message": commit_message, "files": files, **kwargs})
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{'a' * 40}",
+            commit_message=commit_message,
+            commit_description="",
+            oid="a" * 40,
+        )
+
+    if remote_card is None:
+        load = {"side_effect": card_error or EntryNotFoundError("no README")}
+    else:
+        load = {"return_value": remote_card}
+    with (
+        mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=create_repo) as create_repo_mock,
+        mock.patch.object(HfApi, "create_branch", autospec=True, return_value=None) as create_branch_mock,
+        mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=create_commit),
+        mock.patch.object(ModelCard, "load", **load) as card_load,
+    ):
+        yield SimpleNamespace(
+            commits=commits, create_repo=create_repo_mock, create_branch=create_branch_mock, card_load=card_load
+        )

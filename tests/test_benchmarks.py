@@ -122,20 +122,6 @@ def test_chunk_collision_counts_equal_chunks(monkeypatch):
     assert report == {"draws": 4, "distinct_chunks": 2, "collision_probability": 0.5}
 
 
-@pytest.mark.slow  # the benchmark as a child process, compiling both models
-def test_bench_generate_compiled_quick_runs_and_writes_json(tmp_path):
-    """`--compile`: both models on a static cache with compiled decoding steps (inductor on CPU), figures in JSON."""
-    path = tmp_path / "generate.json"
-    stdout = run_quick(BENCH_GENERATE, "--compile", "--json", str(path))
-    assert "cache static, compiled decoding steps" in stdout
-    report = json.loads(path.read_text())
-    assert report["settings"]["compile"] and report["settings"]["cache"] == "static"
-    rows = {(row["batch_size"], row["model"]) for row in report["rows"]}
-    assert rows == {(b, m) for b in (1, 2) for m in ("llama", "calm", "calm-approx")}
-    assert all(row["tokens_per_second"] > 0 for row in report["rows"])
-    assert report["time_split"] == []  # the instrumented split would break the compiled graphs
-
-
 @pytest.mark.slow  # four benchmarks as child processes, two of them compiling
 def test_gpu_suite_writes_every_figure(tmp_path):
     """benchmarks/gpu_suite.sh end to end, on CPU with tiny models (`--quick --device cpu` go to every benchmark)."""
@@ -150,7 +136,12 @@ def test_gpu_suite_writes_every_figure(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = ["generate_eager", "generate_compiled", "train_eager", "train_compiled"]
     reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in names}
-    assert reports["generate_compiled"]["settings"]["compile"] and not reports["generate_eager"]["settings"]["compile"]
+    compiled = reports["generate_compiled"]
+    assert compiled["settings"]["compile"] and not reports["generate_eager"]["settings"]["compile"]
+    assert compiled["settings"]["cache"] == "static" and compiled["time_split"] == []  # no split of compiled graphs
+    rows = {(row["batch_size"], row["model"]) for row in compiled["rows"]}
+    assert rows == {(b, m) for b in (1, 2) for m in ("llama", "calm", "calm-approx")}
+    assert all(row["tokens_per_second"] > 0 for row in compiled["rows"])
     assert reports["train_compiled"]["settings"]["compile"] and reports["train_eager"]["speedup"] > 0
     assert json.loads((tmp_path / "environment.json").read_text())["torch"] == torch.__version__
 
@@ -166,7 +157,7 @@ def test_bench_train_quick_runs_and_reports_ratio_and_head_share():
     assert re.search(r"^flop ratio calm: [0-9.]+$", stdout, flags=re.MULTILINE), stdout
 
 
-@pytest.mark.slow  # the benchmark launches train_calm.py on 2 processes, 8 times
+@pytest.mark.slow  # the benchmark launches train_calm.py on 2 processes, 6 times
 def test_bench_streaming_quick_runs_and_writes_every_figure(tmp_path):
     """Streamed against pre-tokenised train_calm.py on 2 processes (a word tokenizer of the bundled text)."""
     from factories import documents, word_tokenizer
@@ -179,7 +170,7 @@ def test_bench_streaming_quick_runs_and_writes_every_figure(tmp_path):
         flags=re.MULTILINE,
     ), stdout
     figures = json.loads((tmp_path / "s.json").read_text())
-    assert figures["processes"] == 2 and set(figures["resume_s"]) == {"1", "2"}
+    assert figures["processes"] == 2 and set(figures["resume_s"]) == {"2"}
     for key in ("pretokenised_tokens_per_s", "streamed_tokens_per_s", "streamed_launch_to_first_step_s"):
         assert figures[key] > 0, key
 
@@ -309,7 +300,9 @@ def test_bench_quality_remedies_recipe_and_pretrained_decoder(tmp_path):
         # The decoder loss starts after half the steps: the first half's steps cost less.
         assert run["curve"][0]["train_flops"] < run["flops_per_step"] * run["curve"][0]["step"]
     assert "linear probe of the final states" in stdout
-    run_quick(BENCH_QUALITY, *arguments, "--output_dir", str(tmp_path / "second"))
+    # The cache, on the recipe alone: its autoencoder is loaded, not trained again.
+    second_arguments = ["--corpus", "wikitext", "--models", "calm-recipe", "--ae_cache_dir", str(cache)]
+    run_quick(BENCH_QUALITY, *second_arguments, "--output_dir", str(tmp_path / "second"))
     second = json.loads((tmp_path / "second" / "quality_wikitext.json").read_text())
     assert len(list(cache.iterdir())) == 2  # one autoencoder per setting (the recipe's l = 32, the quick l = 16)
     assert second["models"]["calm-recipe"]["autoencoder"] == recipe["autoencoder"]
@@ -398,11 +391,15 @@ def test_llama_chunk_scoring_of_the_benchmark_is_the_protocols(bench_quality):
 
 
 def test_bench_quality_wikitext_defaults_are_the_demos(bench_quality):
-    """`--corpus wikitext` is the demo's comparison: its sizes, budget and recipe, read from the demo's own defaults."""
+    """`--corpus wikitext` is the demo's comparison: its sizes, budget and recipe, read from the demo's own defaults
+    (`calm train --preset cpu` with the small-scale recipe)."""
     sys.path.insert(0, str(REPO_ROOT / "examples"))
     import demo
 
-    bench, ours = bench_quality.parse_args(["--corpus", "wikitext"]), demo.parse_args([])
+    from transformers_calm.cli import PRESETS, RECIPES
+
+    bench, args = bench_quality.parse_args(["--corpus", "wikitext"]), demo.parse_args([])
+    ours = {**PRESETS[args.preset], **RECIPES[args.recipe], "num_heldout_documents": args.num_heldout_documents}
     pairs = {
         "hidden_size": "hidden_size",
         "intermediate_size": "intermediate_size",
@@ -412,22 +409,22 @@ def test_bench_quality_wikitext_defaults_are_the_demos(bench_quality):
         "latent_size": "latent_size",
         "ae_hidden_size": "ae_hidden_size",
         "ae_intermediate_size": "ae_intermediate_size",
-        "ae_steps": "ae_max_steps",
+        "ae_steps": "ae_steps",
         "ae_learning_rate": "ae_learning_rate",
         "token_dropout": "token_dropout",
         "latent_dropout": "latent_dropout",
-        "max_steps": "calm_max_steps",
-        "learning_rate": "calm_learning_rate",
-        "lr_scheduler_type": "calm_lr_scheduler_type",
+        "max_steps": "lm_steps",
+        "learning_rate": "lm_learning_rate",
+        "lr_scheduler_type": "lr_scheduler_type",
         "vocab_size": "vocab_size",
         "block_size": "block_size",
         "batch_size": "batch_size",
         "num_heldout_documents": "num_heldout_documents",
     }
-    assert {b: getattr(bench, b) for b in pairs} == {b: getattr(ours, d) for b, d in pairs.items()}
-    assert bench.head_lr_scale * bench.learning_rate == ours.calm_head_learning_rate
-    assert bench.ae_lr_scheduler_type == "cosine"  # the demo's autoencoder stage: training_args' default schedule
-    assert bench_quality.args_of_model("calm-recipe", bench).head_type == ours.calm_head_type == "flow"
+    assert {b: getattr(bench, b) for b in pairs} == {b: ours[d] for b, d in pairs.items()}
+    assert bench.head_lr_scale == ours["head_learning_rate_scale"]
+    assert bench.ae_lr_scheduler_type == "cosine"  # calm train's autoencoder stage: a cosine schedule
+    assert bench_quality.args_of_model("calm-recipe", bench).head_type == ours["head_type"] == "flow"
     # Given values win over the corpus defaults.
     assert bench_quality.parse_args(["--corpus", "wikitext", "--latent_size", "32"]).latent_size == 32
     assert bench_quality.parse_args([]).latent_size == 32 and bench_quality.parse_args([]).head_lr_scale == 10.0

@@ -37,38 +37,40 @@ def tiny_demo(tmp_path_factory):
     summary = demo.main([
         "--output_dir", str(output_dir), "--train_files", str(data), "--num_heldout_documents", "2",
         "--vocab_size", "320", "--block_size", "32", "--batch_size", "4",
-        "--latent_size", "8", "--ae_hidden_size", "16", "--ae_intermediate_size", "32", "--ae_max_steps", "3",
+        "--latent_size", "8", "--ae_hidden_size", "16", "--ae_intermediate_size", "32", "--ae_steps", "3",
         "--hidden_size", "32", "--intermediate_size", "48", "--num_hidden_layers", "2", "--num_attention_heads", "2",
-        "--num_mlp_layers", "1", "--calm_max_steps", "3",
+        "--num_mlp_layers", "1", "--lm_steps", "3",
         "--max_new_tokens", "8", "--num_candidates", "8",
     ])
     # fmt: on
     return output_dir, summary, texts
 
 
-def test_demo_trains_with_the_library_trainers():
-    """The demo imports no other example script: it trains with the package's CalmAutoencoderTrainer and CalmTrainer
-    (only examples/scripts.py, the scripts' shared plumbing, is imported)."""
+def test_demo_is_calm_train_with_a_baseline_around_it():
+    """The demo imports no example script: its CALM is `calm train`'s (the package's command line, called in Python),
+    and its baseline is trained with transformers' own Trainer."""
     examples = {name[: -len(".py")] for name in os.listdir(os.path.join(REPO_ROOT, "examples")) if name.endswith(".py")}
     tree = ast.parse(open(demo.__file__, encoding="utf-8").read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported & examples == {"scripts"}
-    assert demo.CalmAutoencoderTrainer.__module__ == "transformers_calm.trainer_calm_autoencoder"
+    assert not imported & examples and "transformers_calm.cli" in imported
+    assert demo.train_command.__module__ == "transformers_calm.cli"
 
 
 def test_demo_writes_every_output(tiny_demo):
     output_dir, summary, _ = tiny_demo
-    for name in ("tokenizer", "autoencoder", "calm", "data"):
+    for name in ("calm/tokenizer", "calm/autoencoder", "calm", "data"):
         assert (output_dir / name).is_dir(), name
+    settings = json.loads((output_dir / "calm" / "calm_train.json").read_text())["settings"]
+    assert settings["lm_steps"] == 3 and settings["head_type"] == "flow"  # the demo's options reached calm train
     png = (output_dir / "training_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert json.loads((output_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert set(summary["timings"]) >= {
-        "3. autoencoder training",
-        "5. CALM training",
-        "6. Llama baseline training",
-        "7. generation",
+        "2. calm train (tokenizer, autoencoder, CALM)",
+        "3. held-out reconstruction",
+        "4. Llama baseline training",
+        "5. generation",
         "total",
     }
     assert (output_dir / "llama" / "config.json").is_file()
@@ -101,8 +103,11 @@ def test_demo_sample_continues_a_heldout_prompt(tiny_demo):
 
 
 def test_demo_defaults_are_the_benchmarks_recipe():
-    """The demo trains CALM with the small-scale recipe that benchmarks/bench_quality.py measures as `calm-recipe`."""
+    """The demo trains CALM with `calm train --preset cpu` and the small-scale recipe, which benchmarks/
+    bench_quality.py measures as `calm-recipe`."""
     import importlib.util
+
+    from transformers_calm.cli import PRESETS, RECIPES
 
     spec = importlib.util.spec_from_file_location(
         "bench_quality", os.path.join(REPO_ROOT, "benchmarks", "bench_quality.py")
@@ -110,10 +115,11 @@ def test_demo_defaults_are_the_benchmarks_recipe():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = demo.parse_args([])
-    recipe = bench.RECIPE
-    assert args.calm_head_type == recipe["head_type"] and args.latent_size == recipe["latent_size"]
-    assert args.calm_head_learning_rate == recipe["head_lr_scale"] * args.calm_learning_rate
-    assert args.calm_lr_scheduler_type == recipe["lr_scheduler_type"]
+    assert (args.preset, args.recipe) == ("cpu", "small-scale") and args.hidden_size is None  # the preset's sizes
+    recipe, settings = bench.RECIPE, {**PRESETS["cpu"], **RECIPES["small-scale"]}
+    assert settings["head_type"] == recipe["head_type"] and settings["latent_size"] == recipe["latent_size"]
+    assert settings["head_learning_rate_scale"] == recipe["head_lr_scale"]
+    assert settings["lr_scheduler_type"] == recipe["lr_scheduler_type"]
 
 
 def test_demo_checkpoint_loads_with_its_card(tiny_demo):

@@ -21,6 +21,28 @@ AutoConfig.register(CalmConfig.model_type, CalmConfig, exist_ok=True)
 AutoModel.register(CalmConfig, CalmModel, exist_ok=True)
 AutoModelForCausalLM.register(CalmConfig, CalmForCausalLM, exist_ok=True)
 
+
+class CalmAutoencoderIsNotACausalLM:
+    """Stands in the causal-LM Auto mapping for the autoencoder's config, so that `AutoModelForCausalLM` (and
+    `pipeline("text-generation")`) on an autoencoder folder says what the folder holds and what to do, instead of
+    listing every config transformers knows. Never instantiated."""
+
+    config_class = CalmAutoencoderConfig
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise ValueError(
+            "This is a CALM autoencoder (CalmAutoencoderConfig), not a language model: load it with "
+            "AutoModel.from_pretrained or CalmAutoencoder.from_pretrained. A CALM language model is built around it "
+            "with CalmForCausalLM.from_autoencoder(autoencoder, backbone_config=...) and trained (or `calm train`); "
+            "a folder made by `calm train` holds the language model one level up."
+        )
+
+    from_config = _from_config = from_pretrained
+
+
+AutoModelForCausalLM.register(CalmAutoencoderConfig, CalmAutoencoderIsNotACausalLM, exist_ok=True)
+
 # Saved checkpoints then carry an auto_map and the module files, so they also load with trust_remote_code=True
 # where this package is not installed.
 CalmAutoencoderConfig.register_for_auto_class()

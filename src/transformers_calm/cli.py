@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,10 +73,46 @@ def main(argv=None) -> int:
         return convert(rest) or 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"train": train, "generate": generate_text, "evaluate": evaluate_model}[args.command](args) or 0
+    {"train": train, "generate": generate_text, "evaluate": evaluate_model}[args.command](args)
+    return 0
 
 
-def _train_parser(parser):
+def train_command(argv: list[str]) -> "TrainRun | None":
+    """`calm train ARGV` from Python (examples/demo.py uses it): the same arguments, the same run; returns what it
+    trained (`TrainRun`), or None when `--output_dir` already holds this run's trained CALM."""
+    parser = argparse.ArgumentParser(prog="calm train")
+    _train_parser(parser)
+    return train(parser.parse_args(argv))
+
+
+@dataclass
+class TrainRun:
+    """What a `calm train` run trained, for callers in Python.
+
+    Args:
+        model (`CalmForCausalLM`): the language model (saved in `--output_dir`).
+        autoencoder (`CalmAutoencoder`): its autoencoder (saved in `--output_dir/autoencoder`).
+        tokenizer (`PreTrainedTokenizerFast`): the tokenizer (saved with the model).
+        settings (`dict`): the preset, the recipe and the overrides the run used (also in `calm_train.json`).
+        blocks (`list[datasets.Dataset]`): the training and held-out blocks (`input_ids`, `labels`) both stages read.
+        metrics (`dict`): the language model's held-out evaluation (`eval_brierlm`, `eval_brier1`, ...).
+        autoencoder_metrics (`dict`): the autoencoder's held-out evaluation; empty when it was trained before.
+        log_history (`list[dict]`): the language model's `Trainer` logs.
+        autoencoder_log_history (`list[dict]`): the autoencoder's; empty when it was trained before.
+    """
+
+    model: object
+    autoencoder: object
+    tokenizer: object
+    settings: dict
+    blocks: list
+    metrics: dict
+    autoencoder_metrics: dict = field(default_factory=dict)
+    log_history: list = field(default_factory=list)
+    autoencoder_log_history: list = field(default_factory=list)
+
+
+def _train_parser(parser) -> None:
     parser.add_argument("files", nargs="+", help="training text: JSON lines with a `text` field, or plain text "
                         "(blank lines separate documents); files or glob patterns, compressed or not")  # fmt: skip
     parser.add_argument("--output_dir", required=True)
@@ -85,15 +122,20 @@ def _train_parser(parser):
     parser.add_argument("--validation_file", help="held-out text (default: the last 5%% of the training blocks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restart", action="store_true", help="start over instead of resuming from DIR")
+    add_size_arguments(parser)
+
+
+def add_size_arguments(parser) -> None:
+    """`--preset`'s fields as options (`--hidden_size`, `--lm_steps`, ...), each defaulting to the preset's value."""
     sizes = parser.add_argument_group("sizes and steps (default: the preset's)")
     for name, value in PRESETS["tiny"].items():  # every preset field can be overridden
         presets = ", ".join(f"{preset} {PRESETS[preset][name]}" for preset in PRESETS)
         sizes.add_argument(f"--{name}", type=type(value), default=None, help=presets)
 
 
-def train(args) -> None:
+def train(args) -> TrainRun | None:
     """`calm train`: the three stages, each skipped when its result is in `--output_dir` (resumed from its last
-    checkpoint when it stopped on the way)."""
+    checkpoint when it stopped on the way). None when the whole run was done before."""
     from .data import build_blocks, load_documents, prepare_tokenizer
     from .tokenization import train_tokenizer
 
@@ -105,7 +147,7 @@ def train(args) -> None:
         _remove_run(out)
     if _same_run(out, settings) and os.path.isfile(os.path.join(out, "model.safetensors")):
         _print(f'{out} holds a trained CALM already (--restart to train a new one): `calm generate {out} "Hello"`')
-        return
+        return None
     documents = load_documents(args.files)
     tokenizer_dir = os.path.join(out, "tokenizer")
     if args.tokenizer:
@@ -134,10 +176,11 @@ def train(args) -> None:
         f"{len(blocks[0])} training blocks, {len(blocks[1])} held out, of {block_size} tokens; vocabulary {len(tokenizer)}"
     )
 
-    autoencoder = _train_autoencoder(args, settings, tokenizer, blocks)
-    model, metrics = _train_language_model(args, settings, tokenizer, blocks, autoencoder)
+    autoencoder, autoencoder_metrics, autoencoder_log = _train_autoencoder(args, settings, tokenizer, blocks)
+    model, metrics, log = _train_language_model(args, settings, tokenizer, blocks, autoencoder)
     _print(f"held-out BrierLM {metrics['eval_brierlm']:.2f} (Brier-1 {metrics['eval_brier1']:.4f})")
     _print(f'saved to {out}: `calm generate {out} "Your prompt"`, or AutoModelForCausalLM.from_pretrained({out!r})')
+    return TrainRun(model, autoencoder, tokenizer, settings, blocks, metrics, autoencoder_metrics, log, autoencoder_log)
 
 
 RUN_FILE = "calm_train.json"  # the settings of the run that made a folder: a later run must have the same
@@ -223,7 +266,7 @@ def _train_autoencoder(args, settings, tokenizer, blocks):
     final = os.path.join(args.output_dir, "autoencoder")
     if os.path.isfile(os.path.join(final, "model.safetensors")):
         _print(f"autoencoder: {final} (already trained)")
-        return CalmAutoencoder.from_pretrained(final)
+        return CalmAutoencoder.from_pretrained(final), {}, []
     set_seed(args.seed)
     config = CalmAutoencoderConfig(
         vocab_size=len(tokenizer),
@@ -255,7 +298,7 @@ def _train_autoencoder(args, settings, tokenizer, blocks):
     metrics = trainer.evaluate()
     _print(f"autoencoder: held-out reconstruction accuracy {metrics['eval_reconstruction_accuracy']:.2%}")
     trainer.save_model(final)
-    return trainer.model
+    return trainer.model, metrics, trainer.state.log_history
 
 
 def _train_language_model(args, settings, tokenizer, blocks, autoencoder):
@@ -311,7 +354,7 @@ def _train_language_model(args, settings, tokenizer, blocks, autoencoder):
     run["saved"] = sorted(set(os.listdir(args.output_dir)) - before - {RUN_FILE})  # what --restart removes
     with open(path, "w", encoding="utf-8") as f:
         json.dump(run, f, indent=2)
-    return trainer.model, metrics
+    return trainer.model, metrics, trainer.state.log_history
 
 
 def generate_text(args) -> None:
