@@ -37,9 +37,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, default_data_collator, set_seed
 
 from transformers_calm import create_model_card
-from transformers_calm.cli import PRESETS, RECIPES, add_size_arguments, train_command
+from transformers_calm.cli import PRESETS, RECIPES, add_size_arguments, train_command, training_arguments
 from transformers_calm.tokenization import train_tokenizer as calm_tokenizer
-from transformers_calm.trainer_calm import OfficialTrainingArguments
 from transformers_calm.trainer_calm_autoencoder import evaluate_reconstruction
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,21 +160,16 @@ def train_llama_stage(args, run):
     chunks), trained with transformers' `Trainer` on calm train's blocks with CALM's steps, learning rate and schedule
     (cross-entropy on every token)."""
     settings, tokenizer = run.settings, run.tokenizer
-    steps = settings["lm_steps"]
-    arguments = OfficialTrainingArguments(  # the official optimiser, as calm train's
-        output_dir=os.path.join(args.output_dir, "llama"),
-        per_device_train_batch_size=settings["batch_size"],
-        per_device_eval_batch_size=settings["batch_size"],
-        max_steps=steps,
-        learning_rate=settings["lm_learning_rate"],
-        warmup_steps=max(steps // 13, 1),
+    arguments = training_arguments(  # calm train's, with CALM's steps, learning rate and schedule; on the CPU
+        settings,
+        os.path.join(args.output_dir, "llama"),
+        settings["lm_steps"],
+        settings["lm_learning_rate"],
+        args.seed,
         lr_scheduler_type=settings["lr_scheduler_type"],
-        logging_steps=max(steps // 10, 1),
         save_strategy="no",
-        report_to="none",
         use_cpu=True,
-        seed=args.seed,
-        dataloader_num_workers=0,
+        bf16=False,
     )
     set_seed(args.seed)
     backbone = run.model.config.backbone_config

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from factories import WIKITEXT
+from factories import documents
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from transformers_calm import CalmForCausalLM, CalmTrainer
@@ -24,9 +24,7 @@ def small(**overrides) -> list[str]:
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "train.jsonl"
-    with open(WIKITEXT, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()][:20]
-    path.write_text("".join(json.dumps({"text": json.loads(line)["text"][:2000]}) + "\n" for line in lines))
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents(20, chars=2000)))
     return path
 
 

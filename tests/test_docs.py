@@ -41,7 +41,7 @@ from unittest import mock
 import pytest
 import torch
 from common import mocked_hub
-from factories import WIKITEXT
+from factories import documents
 from packaging.requirements import Requirement
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
@@ -147,10 +147,8 @@ def shell_commands(text: str) -> list[list[str]]:
 # ------------------------------------------------------------------------------------------------------ the workspace
 
 
-def write_jsonl(path: Path, count: int, skip: int = 0) -> None:
-    with open(WIKITEXT, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()][skip : skip + count]
-    path.write_text("".join(json.dumps({"text": json.loads(line)["text"][:4000]}) + "\n" for line in lines))
+def write_jsonl(path: Path, count: int) -> None:
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents(count, chars=4000)))
 
 
 @pytest.fixture(scope="module")
@@ -223,11 +221,9 @@ def readers_objects(workspace: Path) -> dict:
             max_position_embeddings=2048,
         )  # fmt: skip
     )
-    with open(WIKITEXT, encoding="utf-8") as f:
-        documents = [json.loads(line)["text"][:1500] for line in list(f)[-3:]]
     input_ids = tokenizer("The history of", return_tensors="pt").input_ids
     return {"torch": torch, "model": model, "calm": model, "tokenizer": tokenizer, "llama": llama,
-            "documents": documents, "input_ids": input_ids}  # fmt: skip
+            "documents": documents(3, skip=50), "input_ids": input_ids}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- shell commands
@@ -307,11 +303,7 @@ def run_launcher(words: list[str], record: list) -> None:
             assert Path(word).is_file(), f"no accelerate config {word}"
     assert Path(script).is_file(), f"no script {script}"
     launch = (*words[:script_index], script)
-    if launch in LAUNCHED:  # the same launch of the same script ran on an earlier page: its arguments are parsed
-        call_main(script_main(script), [*argv, "--use_cpu"], parse_only=True)
-        record.append((shlex.join(words), f"parsed only: this launch ran at {LAUNCHED[launch]}"))
-        return
-    if words[0] == "torchrun" and "--nnodes" not in words:
+    if words[0] == "torchrun" and "--nnodes" not in words and launch not in LAUNCHED:
         LAUNCHED[launch] = shlex.join(words)[:60]
         torchrun = Path(sys.executable).parent / "torchrun"
         argv = [*argv, *TINY[script]]
@@ -323,7 +315,9 @@ def run_launcher(words: list[str], record: list) -> None:
         return
     if argv != ["..."]:
         call_main(script_main(script), [*argv, "--use_cpu"], parse_only=True)
-    record.append((shlex.join(words), "not run: needs GPUs or machines; files checked"))
+    # The same 2-process launch of the same script ran on an earlier page; the others need GPUs or machines.
+    reason = f"this launch ran at {LAUNCHED[launch]}" if launch in LAUNCHED else "needs GPUs or machines"
+    record.append((shlex.join(words), f"parsed only: {reason}; files checked"))
 
 
 def check_pip_install(words: list[str], record: list) -> None:

@@ -227,27 +227,30 @@ def _remove_run(out: str) -> None:
             os.remove(os.path.join(out, name))
 
 
-def _training_arguments(args, output_dir, settings, max_steps, learning_rate, **extra):
-    from .trainer_calm import OfficialTrainingArguments  # the official optimiser: AdamW (0.9, 0.95), wd 0.1, clip 1
+def training_arguments(settings, output_dir, max_steps, learning_rate, seed=0, **overrides):
+    """The `TrainingArguments` of calm train's stages for `settings` (a preset's fields): the official optimiser
+    (AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0), a short warm-up, a checkpoint every quarter of the run, bf16
+    on a GPU as the official runs; `overrides` replace any of them (examples/demo.py trains its Llama with them)."""
+    from .trainer_calm import OfficialTrainingArguments
 
-    return OfficialTrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=settings["batch_size"],
-        per_device_eval_batch_size=settings["batch_size"],
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=max(max_steps // 13, 1),
-        logging_steps=max(max_steps // 10, 1),
-        save_strategy="steps",
-        save_steps=max(max_steps // 4, 1),
-        save_total_limit=1,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # as the official GPU runs
-        seed=args.seed,
-        dataloader_num_workers=0,
-        **extra,
-    )
+    values = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": settings["batch_size"],
+        "per_device_eval_batch_size": settings["batch_size"],
+        "max_steps": max_steps,
+        "learning_rate": learning_rate,
+        "warmup_steps": max(max_steps // 13, 1),
+        "logging_steps": max(max_steps // 10, 1),
+        "save_strategy": "steps",
+        "save_steps": max(max_steps // 4, 1),
+        "save_total_limit": 1,
+        "report_to": "none",
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "seed": seed,
+        "dataloader_num_workers": 0,
+    }
+    return OfficialTrainingArguments(**{**values, **overrides})
 
 
 def _resume_from(output_dir):
@@ -282,8 +285,8 @@ def _train_autoencoder(args, settings, tokenizer, blocks):
         eos_token_id=tokenizer.eos_token_id,
     )
     checkpoints = os.path.join(args.output_dir, "checkpoints", "autoencoder")
-    training_args = _training_arguments(
-        args, checkpoints, settings, settings["ae_steps"], settings["ae_learning_rate"], lr_scheduler_type="cosine"
+    training_args = training_arguments(
+        settings, checkpoints, settings["ae_steps"], settings["ae_learning_rate"], args.seed, lr_scheduler_type="cosine"
     )
     trainer = CalmAutoencoderTrainer(
         model=CalmAutoencoder(config),
@@ -323,12 +326,12 @@ def _train_language_model(args, settings, tokenizer, blocks, autoencoder):
         num_mlp_layers=settings["num_mlp_layers"],
     )
     checkpoints = os.path.join(args.output_dir, "checkpoints", "calm")
-    training_args = _training_arguments(
-        args,
-        checkpoints,
+    training_args = training_arguments(
         settings,
+        checkpoints,
         settings["lm_steps"],
         settings["lm_learning_rate"],
+        args.seed,
         lr_scheduler_type=settings["lr_scheduler_type"],
         head_learning_rate=settings["lm_learning_rate"] * settings["head_learning_rate_scale"],
     )
