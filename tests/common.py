@@ -1,13 +1,16 @@
 """Constants and small helpers shared by the test modules (importable as `common`: pytest puts tests/ on sys.path).
 The tiny models themselves come from `factories`."""
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
+import torch
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from huggingface_hub.errors import EntryNotFoundError
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 # What CalmTrainer.evaluate() reports.
@@ -85,3 +88,23 @@ def mocked_hub(remote_card: ModelCard | None = None, card_error: Exception | Non
         yield SimpleNamespace(
             commits=commits, create_repo=create_repo_mock, create_branch=create_branch_mock, card_load=card_load
         )
+
+
+def write_sharded(state_dict, directory, extension):
+    """Split an official state dict over two files plus an index, as transformers 4.43 writes large checkpoints."""
+    directory.mkdir(parents=True)
+    names = sorted(state_dict)
+    halves = (names[: len(names) // 2], names[len(names) // 2 :])
+    prefix = "model" if extension == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for i, part in enumerate(halves, start=1):
+        filename = f"{prefix}-{i:05d}-of-00002.{extension}"
+        tensors = {name: state_dict[name] for name in part}
+        if extension == "safetensors":
+            save_file({name: t.contiguous() for name, t in tensors.items()}, directory / filename)
+        else:
+            torch.save(tensors, directory / filename)
+        weight_map.update(dict.fromkeys(part, filename))
+    total_size = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / f"{prefix}.{extension}.index.json").write_text(json.dumps(index))

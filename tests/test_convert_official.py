@@ -12,6 +12,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from common import write_sharded
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
@@ -30,26 +31,6 @@ SOURCES = [
     "sharded-safetensors",
     "sharded-bin",
 ]
-
-
-def write_sharded(state_dict, directory, extension):
-    """Split an official state dict over two files plus an index, as transformers 4.43 writes large checkpoints."""
-    directory.mkdir(parents=True)
-    names = sorted(state_dict)
-    halves = (names[: len(names) // 2], names[len(names) // 2 :])
-    prefix = "model" if extension == "safetensors" else "pytorch_model"
-    weight_map = {}
-    for i, part in enumerate(halves, start=1):
-        filename = f"{prefix}-{i:05d}-of-00002.{extension}"
-        tensors = {name: state_dict[name] for name in part}
-        if extension == "safetensors":
-            save_file({name: t.contiguous() for name, t in tensors.items()}, directory / filename)
-        else:
-            torch.save(tensors, directory / filename)
-        weight_map.update(dict.fromkeys(part, filename))
-    total_size = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (directory / f"{prefix}.{extension}.index.json").write_text(json.dumps(index))
 
 
 def prepare_source(name, official_dir, root):

@@ -150,6 +150,16 @@ class CalmConfig(PreTrainedConfig):
     sub_configs = {"backbone_config": AutoConfig, "autoencoder_config": CalmAutoencoderConfig}
     keys_to_ignore_at_inference = ["cache"]  # the field of CalmCausalLMOutputWithPast that is not a prediction
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers' `get_config_dict`; the config of an official CALM checkpoint as published (no
+        `model_type`, the official class in `architectures`) is converted to this one: see `official_checkpoints`."""
+        from .official_checkpoints import config_dict_from_official, hub_kwargs
+
+        download_kwargs = hub_kwargs(kwargs)
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return config_dict_from_official(config_dict, pretrained_model_name_or_path, download_kwargs, "calm"), kwargs
+
     def __init__(
         self,
         backbone_config=None,

@@ -70,6 +70,18 @@ class CalmAutoencoderConfig(PreTrainedConfig):
 
     model_type = "calm_autoencoder"
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers' `get_config_dict`; the config of an official CALM checkpoint as published (no
+        `model_type`, the official class in `architectures`) is converted to this one: see `official_checkpoints`."""
+        from .official_checkpoints import config_dict_from_official, hub_kwargs
+
+        download_kwargs = hub_kwargs(kwargs)
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return config_dict_from_official(
+            config_dict, pretrained_model_name_or_path, download_kwargs, "autoencoder"
+        ), kwargs
+
     def __init__(
         self,
         vocab_size=32000,

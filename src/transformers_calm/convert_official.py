@@ -9,6 +9,11 @@ checkpoint embeds its autoencoder (`ae_model.*`). With `--calm`, the language mo
 energy head come from C and its autoencoder weights from C's embedded copy (A then supplies the autoencoder's
 hyper-parameters, such as its dropouts; `--autoencoder` may be omitted). The result loads with
 `CalmAutoencoder.from_pretrained(DST)` / `CalmForCausalLM.from_pretrained(DST)`, or through the Auto classes.
+
+`CalmForCausalLM.from_pretrained(C)` and `CalmAutoencoder.from_pretrained(A)` also load the official folders (or Hub
+repositories) directly, to the same tensors (see `official_checkpoints`): this command writes a converted copy, for
+the Auto classes, `trust_remote_code` and publishing. It reads the tensors itself, independently of that loading
+path, and the tests hold the two to each other.
 """
 
 import argparse
@@ -17,58 +22,15 @@ import os
 import shutil
 
 import torch
-from transformers import LlamaConfig
 
-from .configuration_calm import CalmConfig
-from .configuration_calm_autoencoder import CalmAutoencoderConfig
 from .modeling_calm import CalmForCausalLM
 from .modeling_calm_autoencoder import CalmAutoencoder
+from .official_checkpoints import (
+    autoencoder_config_from_official,
+    calm_config_from_official,
+    embedded_autoencoder_config,
+)
 
-# Official AutoencoderConfig fields that map one-to-one onto ours.
-_AUTOENCODER_FIELDS = (
-    "vocab_size",
-    "patch_size",
-    "latent_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_encoder_layers",
-    "num_decoder_layers",
-    "kl_weight",
-    "kl_clamp",
-    "hidden_act",
-    "mlp_bias",
-    "rms_norm_eps",
-    "initializer_range",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-)
-# Official CALMConfig fields of the backbone (a Llama) that map one-to-one onto a LlamaConfig.
-_BACKBONE_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "attention_bias",
-    "attention_dropout",
-    "mlp_bias",
-    "initializer_range",
-)
-# Official CALMConfig fields of the energy head that map one-to-one onto ours (its `beta` is our `energy_alpha`).
-_HEAD_FIELDS = ("num_mlp_layers", "noise_size", "num_samples")
-# The official classes of the three generative heads, and the model types their configs are built with.
-_OFFICIAL_ARCHITECTURES = {
-    "EnergyTransformer": "energy",
-    "FlowTransformer": "flow",
-    "DiffusionTransformer": "diffusion",
-}
-_OFFICIAL_MODEL_TYPES = {"energy": "energy", "calm": "energy", "flow": "flow", "diffusion": "diffusion"}
-# Official CALMConfig fields that the autoencoder defines for the whole model: they must agree with it.
-_SHARED_FIELDS = ("vocab_size", "patch_size", "latent_size", "pad_token_id", "bos_token_id", "eos_token_id")
 # Official CALM tensor-name prefixes -> ours. `generative_head.*` duplicates `mlp_generator.*` (one module registered
 # under two names): .bin files hold both, safetensors exports usually one.
 _CALM_PREFIXES = (
@@ -111,16 +73,6 @@ def load_official_state_dict(directory: str) -> dict[str, torch.Tensor]:
     )
 
 
-def autoencoder_config_from_official(official: dict) -> CalmAutoencoderConfig:
-    """Our config from an official `AutoencoderConfig` dict (its single `ae_dropout` drives both dropouts)."""
-    kwargs = {name: official[name] for name in _AUTOENCODER_FIELDS if name in official}
-    dropout = official.get("ae_dropout", 0.15)
-    # The official decoder projects with the encoder embedding matrix, tied by hand (its config says False).
-    return CalmAutoencoderConfig(
-        **kwargs, token_dropout=dropout, latent_dropout=dropout, tie_word_embeddings=True, dtype="float32"
-    )
-
-
 def autoencoder_state_dict_from_official(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict:
     """Our autoencoder state dict from official tensors whose names start with `prefix` (`"ae_model."` inside an
     official CALM checkpoint). The official `decoder.lm_head_weight` alias of the embedding is dropped: our decoder
@@ -147,11 +99,8 @@ def convert_autoencoder(source: str) -> CalmAutoencoder:
     if prefix:
         # An official CALM checkpoint: its config.json describes the LM; the AE keeps the LM's K, l and vocab.
         # Its own sizes are read from the tensor shapes.
-        official_config = {
-            **{k: official_config[k] for k in ("vocab_size", "patch_size", "latent_size") if k in official_config},
-            **_autoencoder_sizes_from_tensors(state_dict, prefix),
-            **{k: official_config[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id") if k in official_config},
-        }
+        shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+        official_config = embedded_autoencoder_config(official_config, shapes, prefix)
     config = autoencoder_config_from_official(official_config)
     model = CalmAutoencoder(config)
     missing, unexpected = model.load_state_dict(autoencoder_state_dict_from_official(state_dict, prefix), strict=False)
@@ -163,68 +112,6 @@ def convert_autoencoder(source: str) -> CalmAutoencoder:
         )
     model.tie_weights()
     return model.eval()
-
-
-def _autoencoder_sizes_from_tensors(state_dict: dict[str, torch.Tensor], prefix: str) -> dict:
-    embed = state_dict[f"{prefix}encoder.embed_tokens.weight"]
-    latent2 = state_dict[f"{prefix}encoder.hidden_to_latent.weight"].shape[0]
-    gate = [
-        k for k in state_dict if k.startswith(f"{prefix}encoder.encoder_layers.") and k.endswith("gate_proj.weight")
-    ]
-    dec = [k for k in state_dict if k.startswith(f"{prefix}decoder.decoder_layers.") and k.endswith("gate_proj.weight")]
-    return {
-        "vocab_size": embed.shape[0],
-        "hidden_size": embed.shape[1],
-        "latent_size": latent2 // 2,
-        "intermediate_size": state_dict[gate[0]].shape[0] if gate else 4 * embed.shape[1],
-        "num_encoder_layers": len(gate),
-        "num_decoder_layers": len(dec),
-        "patch_size": state_dict[f"{prefix}encoder.squeeze_layer.weight"].shape[1] // embed.shape[1],
-    }
-
-
-def official_head_type(official: dict) -> str:
-    """`"energy"`, `"flow"` or `"diffusion"` of an official `CALMConfig` dict. Saved official configs have no
-    `model_type` (it is an instance attribute, dropped on saving: they all read back as "energy"), so the class in
-    `architectures` decides; `model_type` only where `architectures` is absent."""
-    for architecture in official.get("architectures") or []:
-        if architecture in _OFFICIAL_ARCHITECTURES:
-            return _OFFICIAL_ARCHITECTURES[architecture]
-    model_type = official.get("model_type", "energy")
-    if model_type not in _OFFICIAL_MODEL_TYPES:
-        raise ValueError(
-            f"Unknown generative head: this checkpoint's model_type is {model_type!r} and its architectures "
-            f"{official.get('architectures')}; the official heads are {sorted(_OFFICIAL_MODEL_TYPES)} "
-            f"({', '.join(_OFFICIAL_ARCHITECTURES)})."
-        )
-    return _OFFICIAL_MODEL_TYPES[model_type]
-
-
-def calm_config_from_official(official: dict, autoencoder_config: CalmAutoencoderConfig) -> CalmConfig:
-    """Our config from an official `CALMConfig` dict and the autoencoder's config."""
-    head_type = official_head_type(official)
-    for name in _SHARED_FIELDS:
-        value, expected = official.get(name), getattr(autoencoder_config, name)
-        if value is not None and value != expected:
-            raise ValueError(
-                f"The CALM checkpoint's {name} ({value}) differs from its autoencoder's ({expected}): they were not "
-                "trained together. Pass the autoencoder this model was trained with."
-            )
-    rope_scaling = official.get("rope_scaling")
-    rope_parameters = {"rope_type": "default", "rope_theta": official.get("rope_theta", 10000.0)}
-    if rope_scaling:
-        rope_parameters.update(
-            rope_type=rope_scaling.get("rope_type", rope_scaling.get("type")), factor=rope_scaling["factor"]
-        )
-    backbone = {name: official[name] for name in _BACKBONE_FIELDS if official.get(name) is not None}
-    return CalmConfig(
-        backbone_config=LlamaConfig(**backbone, rope_parameters=rope_parameters),
-        autoencoder_config=autoencoder_config.to_dict(),
-        head_type=head_type,
-        energy_alpha=official.get("beta", 1.0),
-        dtype="float32",
-        **{name: official[name] for name in _HEAD_FIELDS if official.get(name) is not None},
-    )
 
 
 def calm_state_dict_from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from .modeling_calm_autoencoder import CalmAutoencoder, check_autoencoder_matche
 from .modeling_diffusion_head import CalmDiffusionHead
 from .modeling_energy_head import CalmEnergyHead, CalmEnergyHeadOutputLayer
 from .modeling_flow_head import CalmAdaLNLinear, CalmFlowHead
+from .official_checkpoints import CALM_KEY_MAPPING, load_pretrained
 from .pretrained_decoder import calm_from_pretrained_decoder
 from .sampling import CalmSamplingMixin
 from .token_loss import CalmTokenLossHead
@@ -120,6 +121,15 @@ class CalmPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # The energy loss is a per-batch mean: Trainer must divide it by gradient_accumulation_steps itself.
     accepts_loss_kwargs = False
+    # How an official checkpoint's tensors are named in this class, by official kind (official_checkpoints.py).
+    _official_key_mapping = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, which also loads the official CALM checkpoints as published (see
+        `official_checkpoints`) and refuses a checkpoint that lacks some of the model's weights."""
+        load = super().from_pretrained
+        return load_pretrained(load, cls, pretrained_model_name_or_path, args, kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -262,6 +272,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmSamplingMixin, CalmGenerationMixi
 
     # The static-cache decoding step, head and samplers included, compiles in one graph (test_generation_common.py).
     _can_compile_fullgraph = True
+    _official_key_mapping = {"calm": CALM_KEY_MAPPING}
 
     def __init__(self, config: CalmConfig):
         super().__init__(config)

@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.utils import ModelOutput
 
 from .configuration_calm_autoencoder import CalmAutoencoderConfig
+from .official_checkpoints import AUTOENCODER_KEY_MAPPING, load_pretrained
 from .screened_argmax import ScreenedArgmax
 
 
@@ -291,6 +292,15 @@ class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # How an official checkpoint's tensors are named in this class, by official kind (official_checkpoints.py).
+    _official_key_mapping = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, which also loads the official CALM autoencoder as published (see
+        `official_checkpoints`) and refuses a checkpoint that lacks some of the model's weights."""
+        load = super().from_pretrained
+        return load_pretrained(load, cls, pretrained_model_name_or_path, args, kwargs)
 
 
 class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
@@ -303,6 +313,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
     """
 
     _tied_weights_keys = {"decoder.lm_head.weight": "encoder.embed_tokens.weight"}
+    _official_key_mapping = {"autoencoder": AUTOENCODER_KEY_MAPPING}
 
     def __init__(self, config: CalmAutoencoderConfig):
         super().__init__(config)
