@@ -273,8 +273,8 @@ def test_bench_quality_quick_runs_and_writes_curves(tmp_path):
             assert set(run["llama_at_equal_flops"]) == {"chunk_brier1", "chunk_brierlm"}
 
 
-@pytest.mark.slow  # the benchmark as a child process, twice
-def test_bench_quality_remedies_recipe_and_pretrained_decoder(tmp_path):
+@pytest.mark.slow  # the benchmark as a child process
+def test_bench_quality_remedies_recipe_and_pretrained_decoder(tmp_path, bench_quality):
     """Every remedy as a flag, `calm-recipe`, a CALM started from the benchmark's own Llama, the linear probe, and the
     autoencoder cache (a second run loads the autoencoder the first one trained)."""
     cache = tmp_path / "autoencoders"
@@ -300,9 +300,10 @@ def test_bench_quality_remedies_recipe_and_pretrained_decoder(tmp_path):
         # The decoder loss starts after half the steps: the first half's steps cost less.
         assert run["curve"][0]["train_flops"] < run["flops_per_step"] * run["curve"][0]["step"]
     assert "linear probe of the final states" in stdout
-    # The cache, on the recipe alone: its autoencoder is loaded, not trained again.
-    second_arguments = ["--corpus", "wikitext", "--models", "calm-recipe", "--ae_cache_dir", str(cache)]
-    run_quick(BENCH_QUALITY, *second_arguments, "--output_dir", str(tmp_path / "second"))
+    # The cache, on the recipe alone: its autoencoder is loaded, not trained again (in this process: the child
+    # process above ran the script as a command).
+    second_arguments = ["--quick", "--corpus", "wikitext", "--models", "calm-recipe", "--ae_cache_dir", str(cache)]
+    bench_quality.main([*second_arguments, "--output_dir", str(tmp_path / "second")])
     second = json.loads((tmp_path / "second" / "quality_wikitext.json").read_text())
     assert len(list(cache.iterdir())) == 2  # one autoencoder per setting (the recipe's l = 32, the quick l = 16)
     assert second["models"]["calm-recipe"]["autoencoder"] == recipe["autoencoder"]

@@ -16,7 +16,7 @@ from common import write_sharded
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from transformers_calm import CalmAutoencoder
+from transformers_calm import CalmAutoencoder, CalmAutoencoderConfig
 from transformers_calm.convert_official import (
     autoencoder_config_from_official,
     convert_autoencoder,
@@ -210,9 +210,8 @@ def test_train_loss_parity(converted, official_tensors):
 
 
 def test_official_config_mapping():
-    config = autoencoder_config_from_official(
-        {"vocab_size": 300, "patch_size": 2, "latent_size": 4, "ae_dropout": 0.1, "tie_word_embeddings": False}
-    )
+    official = {"vocab_size": 300, "patch_size": 2, "latent_size": 4, "ae_dropout": 0.1, "tie_word_embeddings": False}
+    config = CalmAutoencoderConfig(**autoencoder_config_from_official(official))
     assert (config.vocab_size, config.patch_size, config.latent_size) == (300, 2, 4)
     assert config.token_dropout == config.latent_dropout == 0.1
     assert config.tie_word_embeddings is True  # the official decoder always uses the embedding matrix

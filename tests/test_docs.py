@@ -91,9 +91,26 @@ TINY = {
         "2",
     ],  # fmt: skip
     "examples/finetune_lora.py": [*TRAINING, "--max_new_tokens", "8"],
+    # The arithmetic demo's base CALM and its SFT at a size of seconds (--base_args: calm train's sizes, the last wins).
+    "examples/sft.py": [
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--task_heldout",
+        "4",
+        "--num_candidates",
+        "8",
+        "--base_args",
+        " ".join(SMALL_CALM),
+    ],  # fmt: skip
     "benchmarks/bench_generate.py": ["--quick"],
     "benchmarks/bench_train.py": ["--quick"],
     "benchmarks/bench_quality.py": ["--quick"],
+    "benchmarks/bench_serve.py": ["--quick"],
 }
 # Parsed, not run: hours in their quick mode or compiling (test_benchmarks.py runs them quick, compile included).
 PARSE_ONLY = {
@@ -170,6 +187,10 @@ def scene(tmp_path_factory) -> Path:
     shutil.copy(root / "train.jsonl", root / "my_domain.jsonl")
     shutil.copytree(REPO_ROOT / "tests" / "fixtures" / "official-tiny" / "autoencoder", root / "CALM-Autoencoder")
     shutil.copytree(REPO_ROOT / "tests" / "fixtures" / "official-tiny" / "calm", root / "CALM-M")
+    # The Hub repositories as published (a local folder is read first), the tokenizer saved next to the weights.
+    shutil.copytree(root / "CALM-Autoencoder", root / "cccczshao" / "CALM-Autoencoder")
+    shutil.copytree(root / "CALM-M", root / "cccczshao" / "CALM-M")
+    shutil.copytree(calm / "tokenizer", root / "cccczshao" / "CALM-M", dirs_exist_ok=True)
     return root
 
 
@@ -283,6 +304,12 @@ def run_python(words: list[str], record: list) -> None:
         key, main, argv = words[2], importlib.import_module(words[2]).main, words[3:]
     else:
         key, main, argv = words[1], script_main(words[1]), words[2:]
+    if key == "calm serve":  # serves until interrupted: parsed and the model checked (test_serve.py runs a server)
+        with mock.patch("transformers_calm.serving.serve") as serve:
+            calm_main(argv)
+        assert serve.call_args.kwargs["model"] == argv[1], serve.call_args
+        record.append((shlex.join(words), "parsed only: serves until interrupted; tests/test_serve.py serves"))
+        return
     reason = PARSE_ONLY.get(key) or next((PARSE_ONLY[flag] for flag in argv if flag in PARSE_ONLY), None)
     if reason and key.startswith("examples/"):
         argv = [*argv, "--use_cpu"]
@@ -342,9 +369,28 @@ def run_hf(words: list[str], record: list) -> None:
     record.append((shlex.join(words), "ran against the mocked Hub"))
 
 
+def run_recipe(words: list[str], record: list) -> None:
+    """`[NAME=value ...] bash examples/recipes/R.sh ARGS`: the recipe run with DRY_RUN=1 prints its commands (shell
+    quoted, after `+`), and each is checked as a launch is (its files, the script's arguments parsed)."""
+    env = {**os.environ, "DRY_RUN": "1"}
+    while "=" in words[0]:
+        name, value = words[0].split("=", 1)
+        env[name], words = value, words[1:]
+    assert words[0] == "bash" and words[1].startswith("examples/recipes/"), f"no rule for {shlex.join(words)}"
+    done = subprocess.run(words, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    commands = [shlex.split(line[2:]) for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert commands, f"{shlex.join(words)} printed no command: {done.stdout}"
+    for command in commands:
+        run_launcher(command, [])
+    record.append((shlex.join(words), f"DRY_RUN: its {len(commands)} command(s) checked as launches"))
+
+
 def run_command(words: list[str], record: list) -> None:
     program = words[0]
-    if program in ("python", "calm", ".venv/bin/calm"):
+    if program == "bash" or "=" in program:
+        run_recipe(words, record)
+    elif program in ("python", "calm", ".venv/bin/calm"):
         run_python(words, record)
     elif program in ("torchrun", "accelerate"):
         run_launcher(words, record)

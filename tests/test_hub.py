@@ -48,18 +48,17 @@ AE_AUTO_MAP = {
 }
 # The model code a repository needs: the configuration and modeling files and the modules modeling_calm.py imports
 # relatively (transitively). No Hub code (hub.py, model_card.py): that is the package's, not the checkpoint's.
-# official_checkpoints.py (loading the official layout) reads both configs, so an autoencoder carries CalmConfig's too.
 AE_MODULES = {
-    "configuration_calm.py",
     "configuration_calm_autoencoder.py",
     "modeling_calm_autoencoder.py",
-    "official_checkpoints.py",
+    "official_checkpoints.py",  # the official layout, loaded directly
     "screened_argmax.py",
 }
 CALM_MODULES = AE_MODULES | {
     "calm_loss.py",
     "candidate_decoding.py",
     "compat.py",
+    "configuration_calm.py",
     "decoder_loss.py",
     "generation_calm.py",
     "generation_configuration_calm.py",

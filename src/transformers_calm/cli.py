@@ -66,6 +66,15 @@ def main(argv=None) -> int:
     evaluate.add_argument("--max_blocks", type=int, default=None)
     evaluate.add_argument("--seed", type=int, default=0)
     commands.add_parser("convert", help="official checkpoints to this layout (calm convert --help)", add_help=False)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server (transformers serve's) for a CALM")
+    serve.add_argument("model", help="a CALM folder or Hub id; requests name it as given (`model=`)")
+    serve.add_argument("--host", default="localhost")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", help="auto: the GPU when there is one")
+    serve.add_argument("--chat_template", help="a Jinja chat template (string or .jinja file) for chat requests")
+    serve.add_argument("--continuous_batching", action="store_true", help="accepted; CALM falls back to generate")
+    serve.add_argument("--compile", action="store_true", help="static cache (and compiled steps where supported)")
+    serve.add_argument("--log_level", default="warning")
     args, rest = parser.parse_known_args(argv)
     if args.command == "convert":
         from .convert_official import main as convert
@@ -73,7 +82,7 @@ def main(argv=None) -> int:
         return convert(rest) or 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    {"train": train, "generate": generate_text, "evaluate": evaluate_model}[args.command](args)
+    {"train": train, "generate": generate_text, "evaluate": evaluate_model, "serve": serve_model}[args.command](args)
     return 0
 
 
@@ -381,6 +390,14 @@ def generate_text(args) -> None:
         print(prompt + tokenizer.decode(row, skip_special_tokens=True))
 
 
+def serve_model(args) -> None:
+    """`calm serve`: transformers' OpenAI-compatible server for a CALM (serving.py; needs transformers[serving])."""
+    from .serving import serve
+
+    check_path(args.model, "model")
+    serve(**{k: v for k, v in vars(args).items() if k != "command"})
+
+
 def evaluate_model(args) -> None:
     """`calm evaluate`: BrierLM (and Brier-1..4) as JSON."""
     from transformers import AutoTokenizer
@@ -413,8 +430,11 @@ def _load_model(path: str):
     """The model of `path` (a folder or a Hub id) in eval mode, on the GPU when there is one."""
     from transformers import AutoModelForCausalLM
 
+    from .modeling_calm import CalmForCausalLM
+    from .official_checkpoints import is_official_calm
+
     check_path(path, "model")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = (CalmForCausalLM if is_official_calm(path) else AutoModelForCausalLM).from_pretrained(path).eval()
     return model.to("cuda") if torch.cuda.is_available() else model
 
 

@@ -23,6 +23,8 @@ import shutil
 
 import torch
 
+from .configuration_calm import CalmConfig
+from .configuration_calm_autoencoder import CalmAutoencoderConfig
 from .modeling_calm import CalmForCausalLM
 from .modeling_calm_autoencoder import CalmAutoencoder
 from .official_checkpoints import (
@@ -101,7 +103,7 @@ def convert_autoencoder(source: str) -> CalmAutoencoder:
         # Its own sizes are read from the tensor shapes.
         shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
         official_config = embedded_autoencoder_config(official_config, shapes, prefix)
-    config = autoencoder_config_from_official(official_config)
+    config = CalmAutoencoderConfig(**autoencoder_config_from_official(official_config))
     model = CalmAutoencoder(config)
     missing, unexpected = model.load_state_dict(autoencoder_state_dict_from_official(state_dict, prefix), strict=False)
     missing = [name for name in missing if name != "decoder.lm_head.weight"]  # restored by tying
@@ -144,7 +146,7 @@ def convert_calm(calm_source: str, autoencoder_source: str | None = None) -> Cal
         embedded_weights = autoencoder_state_dict_from_official(state_dict, "ae_model.")
         autoencoder.load_state_dict(embedded_weights, strict=False)
         autoencoder.tie_weights()
-    config = calm_config_from_official(official_config, autoencoder.config)
+    config = CalmConfig(**calm_config_from_official(official_config, autoencoder.config.to_dict()))
     model = CalmForCausalLM(config)
     missing, unexpected = model.load_state_dict(calm_state_dict_from_official(state_dict), strict=False)
     missing = [name for name in missing if not name.startswith("autoencoder.")]

@@ -72,8 +72,8 @@ class CalmDecodingSteps:
                 sequences, unfinished, done = _append_token_wise(sequences, chunk, unfinished, criteria, pad)
             else:
                 sequences, unfinished, done = _append_chunk(sequences, chunk, unfinished, stop_eos, pad, max_length)
-            if streamer is not None:
-                streamer.put(sequences[:, start:].cpu())
+            if streamer is not None:  # the new tokens, 1-D as transformers puts them (batch size 1)
+                streamer.put(sequences[0, start:].cpu())
             if done:
                 return sequences, steps
             # The next pass reads the chunk as it stands in the sequences (finished rows feed their pads, as a

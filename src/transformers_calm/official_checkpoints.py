@@ -21,11 +21,7 @@ import os
 import struct
 
 import torch
-from transformers import LlamaConfig
 from transformers.utils import cached_file
-
-from .configuration_calm import CalmConfig
-from .configuration_calm_autoencoder import CalmAutoencoderConfig
 
 # The official classes of the three generative heads, and our head types.
 OFFICIAL_ARCHITECTURES = {
@@ -34,6 +30,9 @@ OFFICIAL_ARCHITECTURES = {
     "DiffusionTransformer": "diffusion",
 }
 OFFICIAL_AUTOENCODER_ARCHITECTURE = "Autoencoder"
+# The model types of this package's configs (CalmConfig, CalmAutoencoderConfig): a config with one is not official.
+# (Strings, not the classes: the config classes call this module, which builds their dicts without importing them.)
+OUR_MODEL_TYPES = ("calm", "calm_autoencoder")
 _OFFICIAL_MODEL_TYPES = {"energy": "energy", "calm": "energy", "flow": "flow", "diffusion": "diffusion"}
 # Official AutoencoderConfig fields that map one-to-one onto ours.
 _AUTOENCODER_FIELDS = (
@@ -96,7 +95,7 @@ _WEIGHT_FILES = (
 def official_kind(config_dict: dict | None) -> str | None:
     """`"calm"` or `"autoencoder"` when `config_dict` is an official CALM config, else None. Official configs carry
     no `model_type` (the official classes set it on the instance, and saving drops it); ours always do."""
-    if not config_dict or config_dict.get("model_type") in (CalmConfig.model_type, CalmAutoencoderConfig.model_type):
+    if not config_dict or config_dict.get("model_type") in OUR_MODEL_TYPES:
         return None
     architectures = config_dict.get("architectures") or []
     if any(name in OFFICIAL_ARCHITECTURES for name in architectures):
@@ -106,14 +105,19 @@ def official_kind(config_dict: dict | None) -> str | None:
     return None
 
 
-def autoencoder_config_from_official(official: dict) -> CalmAutoencoderConfig:
-    """Our config from an official `AutoencoderConfig` dict (its single `ae_dropout` drives both dropouts)."""
+def autoencoder_config_from_official(official: dict) -> dict:
+    """The arguments of our `CalmAutoencoderConfig` for an official `AutoencoderConfig` dict (its single
+    `ae_dropout` drives both dropouts)."""
     kwargs = {name: official[name] for name in _AUTOENCODER_FIELDS if name in official}
     dropout = official.get("ae_dropout", 0.15)
     # The official decoder projects with the encoder embedding matrix, tied by hand (its config says False).
-    return CalmAutoencoderConfig(
-        **kwargs, token_dropout=dropout, latent_dropout=dropout, tie_word_embeddings=True, dtype="float32"
-    )
+    return {
+        **kwargs,
+        "token_dropout": dropout,
+        "latent_dropout": dropout,
+        "tie_word_embeddings": True,
+        "dtype": "float32",
+    }
 
 
 def embedded_autoencoder_config(official: dict, shapes: dict[str, tuple], prefix: str = "ae_model.") -> dict:
@@ -163,12 +167,13 @@ def official_head_type(official: dict) -> str:
     return _OFFICIAL_MODEL_TYPES[model_type]
 
 
-def calm_config_from_official(official: dict, autoencoder_config: CalmAutoencoderConfig) -> CalmConfig:
-    """Our config from an official `CALMConfig` dict and the autoencoder's config. `ae_path` is not read."""
+def calm_config_from_official(official: dict, autoencoder_config: dict) -> dict:
+    """The arguments of our `CalmConfig` for an official `CALMConfig` dict and the autoencoder's config (a dict of
+    `CalmAutoencoderConfig`). `ae_path` is not read."""
     head_type = official_head_type(official)
     for name in _SHARED_FIELDS:
-        value, expected = official.get(name), getattr(autoencoder_config, name)
-        if value is not None and value != expected:
+        value, expected = official.get(name), autoencoder_config.get(name)
+        if value is not None and expected is not None and value != expected:
             raise ValueError(
                 f"The CALM checkpoint's {name} ({value}) differs from its autoencoder's ({expected}): they were not "
                 "trained together. Pass the autoencoder this model was trained with."
@@ -180,14 +185,14 @@ def calm_config_from_official(official: dict, autoencoder_config: CalmAutoencode
             rope_type=rope_scaling.get("rope_type", rope_scaling.get("type")), factor=rope_scaling["factor"]
         )
     backbone = {name: official[name] for name in _BACKBONE_FIELDS if official.get(name) is not None}
-    return CalmConfig(
-        backbone_config=LlamaConfig(**backbone, rope_parameters=rope_parameters),
-        autoencoder_config=autoencoder_config.to_dict(),
-        head_type=head_type,
-        energy_alpha=official.get("beta", 1.0),
-        dtype="float32",
+    return {
+        "backbone_config": {"model_type": "llama", **backbone, "rope_parameters": rope_parameters},
+        "autoencoder_config": autoencoder_config,
+        "head_type": head_type,
+        "energy_alpha": official.get("beta", 1.0),
+        "dtype": "float32",
         **{name: official[name] for name in _HEAD_FIELDS if official.get(name) is not None},
-    )
+    }
 
 
 def hub_kwargs(kwargs: dict) -> dict:
@@ -239,7 +244,7 @@ def config_dict_from_official(config_dict: dict, path, download_kwargs: dict, ex
             _wrong_class_message(path, kind, "CalmConfig" if expected == "calm" else "CalmAutoencoderConfig")
         )
     if kind == "autoencoder":
-        return {**autoencoder_config_from_official(config_dict).to_dict(), "architectures": ["CalmAutoencoder"]}
+        return {**autoencoder_config_from_official(config_dict), "architectures": ["CalmAutoencoder"]}
     if kind != "calm":
         return config_dict
     if os.path.isfile(str(path)):
@@ -255,7 +260,7 @@ def config_dict_from_official(config_dict: dict, path, download_kwargs: dict, ex
             "<official autoencoder> --output <folder>`."
         )
     autoencoder = autoencoder_config_from_official(embedded_autoencoder_config(config_dict, shapes))
-    return {**calm_config_from_official(config_dict, autoencoder).to_dict(), "architectures": ["CalmForCausalLM"]}
+    return {**calm_config_from_official(config_dict, autoencoder), "architectures": ["CalmForCausalLM"]}
 
 
 def read_config_dict(path, kwargs: dict) -> dict | None:
@@ -271,6 +276,12 @@ def read_config_dict(path, kwargs: dict) -> dict | None:
         return None
     with open(file) as f:
         return json.load(f)
+
+
+def is_official_calm(path, **download_kwargs) -> bool:
+    """Whether `path` (a folder or Hub id) holds an official CALM language model as published: the Auto classes
+    cannot load it (no `model_type`), `CalmForCausalLM.from_pretrained` can."""
+    return official_kind(read_config_dict(path, download_kwargs)) == "calm"
 
 
 def official_key_mapping(model_class, path, kwargs: dict) -> dict | None:
