@@ -84,11 +84,14 @@ def start_server(command: list[str], port: int, threads: int | None) -> subproce
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file: a pipe nobody reads while the server runs could fill up and block it.
+    log = tempfile.TemporaryFile(mode="w+")
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"{' '.join(command[:4])} exited with {server.returncode}:\n{server.stderr.read()}")
+            log.seek(0)
+            raise SystemExit(f"{' '.join(command[:4])} exited with {server.returncode}:\n{log.read()}")
         try:
             with urllib.request.urlopen(f"http://localhost:{port}/health", timeout=5):
                 return server

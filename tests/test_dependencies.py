@@ -70,3 +70,17 @@ def test_the_installed_stack_is_inside_the_ranges():
         assert requirement.specifier.contains(installed, prereleases=True), (
             f"{requirement.name} {installed} is installed, outside {requirement.specifier}"
         )
+
+
+@pytest.mark.parametrize("version", ["5.10.4", "5.25.0"])
+def test_calm_serve_names_the_transformers_it_is_built_on(version, monkeypatch):
+    """`calm serve` is built on transformers 5.24's internal serving classes: on another release it says which to
+    install (test_serve.py skips with that message there), instead of failing on a moved name."""
+    import sys
+
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    monkeypatch.delitem(sys.modules, "transformers_calm.serving", raising=False)
+    with pytest.raises(ImportError, match=rf"built on transformers 5.24's server, and this is transformers {version}"):
+        import transformers_calm.serving  # noqa: F401

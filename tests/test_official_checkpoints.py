@@ -188,5 +188,12 @@ def test_the_wrong_class_or_an_incomplete_checkpoint_is_a_clear_error(fixtures_r
     torch.save(
         {k: v for k, v in state_dict.items() if not k.startswith("embed_proj.")}, incomplete / "pytorch_model.bin"
     )
-    with pytest.raises(ValueError, match=r"no weights for 6 parameters \(model\.embed_proj"):
+    with pytest.raises(ValueError, match=r"6 tensors \(model\.embed_proj.*would be initialised at random"):
         CalmForCausalLM.from_pretrained(incomplete)
+
+    # A tensor the official architecture has no place for: an error too (the converter refuses it as well).
+    extra = official_folder(calm, tmp_path / "extra", "safetensors")
+    (extra / "model.safetensors").unlink()
+    torch.save({**state_dict, "embed_proj.9.weight": torch.ones(2)}, extra / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"1 tensors \(model\.embed_proj\.9\.weight\) in it have no place"):
+        CalmForCausalLM.from_pretrained(extra)

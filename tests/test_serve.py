@@ -23,6 +23,8 @@ try:  # the serving dependencies (transformers[serving]) and a transformers whos
 
     UNAVAILABLE = None
 except ImportError as error:
+    if not str(error).startswith("calm serve"):  # not its own check: something it imports moved (a failure)
+        raise
     UNAVAILABLE = str(error)
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"{UNAVAILABLE}")
 
@@ -159,6 +161,7 @@ def test_temperature_and_calm_options(served):
         ("completions", {"logit_bias": {"5": 2.0}}, "sequence biases shift logits"),
         ("completions", {"logprobs": 2, "stream": True}, "no token probabilities"),
         ("completions", {"presence_penalty": 0.3}, "rescales logits"),
+        ("completions", {"seed": -1, "stream": True}, r"seed must be an integer in \[0, 2\*\*63\)"),
     ],
 )
 def test_refused_options_are_a_400_with_calms_reason(served, endpoint, options, reason):
@@ -247,3 +250,19 @@ def test_an_official_checkpoint_as_published_is_served_by_its_class(official_dir
     model = manager._load_model(str(folder))
     assert isinstance(model, CalmForCausalLM) and model.config.head_type == "energy"
     assert manager._load_processor(str(folder)).chat_template is not None
+
+
+def test_prompts_padded_at_their_end_as_sft_trains_them():
+    """`calm serve --pad_prompts_at_end`: the prompt right-padded with the pad token to whole chunks, the pads read
+    as tokens (a model fine-tuned with transformers_calm.sft was trained on prompts padded so)."""
+    import torch
+
+    from transformers_calm.serving import CalmRequestError, pad_prompt_at_end
+
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]]), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    padded = pad_prompt_at_end(inputs, patch_size=4, pad_token_id=0)
+    assert padded["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 0, 0]]
+    assert padded["attention_mask"].tolist() == [[1] * 8]
+    assert pad_prompt_at_end(padded, 4, 0) is padded  # whole chunks already
+    with pytest.raises(CalmRequestError, match="needs the model's pad_token_id"):
+        pad_prompt_at_end(inputs, 4, None)

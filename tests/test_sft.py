@@ -145,20 +145,22 @@ def test_collator(tokenizer):
     assert batch["attention_mask"].tolist() == [[1] * 4 + [0] * 4, [1] * 8]
     assert batch["labels"].tolist() == [[X] * 8, [5] * 8]
     packed = collator([{"input_ids": [1] * 8, "labels": [1] * 8, "position_ids": [0, 0]}] * 2)
-    assert set(packed) == {"input_ids", "labels", "position_ids"} and packed["position_ids"].shape == (2, 2)
+    assert set(packed) == {"input_ids", "labels", "position_ids", "use_cache"} and packed["use_cache"] is False
+    assert packed["position_ids"].shape == (2, 2)
     with pytest.raises(ValueError, match="whole chunks"):
         collator([{"input_ids": [1, 2, 3]}])
 
 
-def test_packed_examples_are_read_as_alone(tokenizer):
-    """Chunk positions restart and, without a cache, attention stays inside each example: the states of a packed
-    block are those of its examples run one by one."""
-    model = model_for(tokenizer).train()
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_packed_examples_are_read_as_alone(tokenizer, mode):
+    """Chunk positions restart and, without a cache (the collator's batches say so: in eval mode the model would
+    build one), attention stays inside each example: a packed block's states are its examples' run one by one."""
+    model = model_for(tokenizer).train(mode == "train")
     rows = [{"prompt": "What is 1 + 2 ?", "completion": "3"}, {"prompt": "1 2", "completion": "hello world 3 4 5"}]
     tokenized = tokenize_sft_dataset(datasets.Dataset.from_list(rows), tokenizer, K)
     batch = CalmSFTDataCollator(tokenizer.pad_token_id, K)(list(pack_sft_dataset(tokenized, 8 * K, K, 0)))
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state[0]
+        packed = model(**batch).last_hidden_state[0]
         alone = [model(input_ids=torch.tensor([row])).last_hidden_state[0] for row in tokenized["input_ids"]]
     torch.testing.assert_close(packed[:6], torch.cat(alone), atol=1e-5, rtol=1e-5)
 

@@ -7,7 +7,8 @@
 #     answer's chunks only (EOS included), whole examples packed into blocks of 2048 tokens;
 #   - training: 3 epochs, global batch 128 blocks, AdamW lr 2e-5 (cosine, 3% warm-up), bf16, full fine-tuning
 #     (LORA=1: LoRA r 64 on attention + MLP and the head in full, lr 2e-4);
-#   - evaluation: the 1,319 GSM8K test questions (openai/gsm8k, main), same prompt and padding, answered with
+#   - evaluation (before and after training, on the main process while the others wait: hence --ddp_timeout): the
+#     1,319 GSM8K test questions (openai/gsm8k, main), same prompt and padding, answered with
 #     do_sample=False (the most frequent of 200 head samples per chunk), up to 512 new tokens; exact match of the
 #     last number of the answer with the number after '####'.
 #
@@ -19,7 +20,7 @@
 # command.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-    sed -n 2,19p "$0"
+    sed -n 2,20p "$0"
     exit 2
 fi
 MODEL=$1
@@ -52,4 +53,4 @@ run accelerate launch --config_file "$ROOT/examples/accelerate/ddp.yaml" --num_p
     "${TUNING[@]}" --num_train_epochs 3 --lr_scheduler_type cosine --warmup_steps 0.03 \
     --per_device_train_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$ACCUMULATION" --bf16 \
     --logging_steps 20 --save_strategy epoch --save_total_limit 1 --dataloader_num_workers 0 --seed 1 \
-    --output_dir "$OUTPUT"
+    --ddp_timeout 7200 --output_dir "$OUTPUT"

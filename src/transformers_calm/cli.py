@@ -74,7 +74,12 @@ def main(argv=None) -> int:
     serve.add_argument("--chat_template", help="a Jinja chat template (string or .jinja file) for chat requests")
     serve.add_argument("--continuous_batching", action="store_true", help="accepted; CALM falls back to generate")
     serve.add_argument("--compile", action="store_true", help="static cache (and compiled steps where supported)")
-    serve.add_argument("--log_level", default="warning")
+    serve.add_argument(
+        "--pad_prompts_at_end",
+        action="store_true",
+        help="pad prompts to whole chunks at their end, as transformers_calm.sft trains (for models fine-tuned with it)",
+    )
+    serve.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error", "critical"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "convert":
         from .convert_official import main as convert

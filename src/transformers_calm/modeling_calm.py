@@ -122,14 +122,13 @@ class CalmPreTrainedModel(PreTrainedModel):
     # The energy loss is a per-batch mean: Trainer must divide it by gradient_accumulation_steps itself.
     accepts_loss_kwargs = False
     # How an official checkpoint's tensors are named in this class, by official kind (official_checkpoints.py).
-    _official_key_mapping = {}
+    _official_key_mapping: dict[str, dict[str, str]] = {}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' `from_pretrained`, which also loads the official CALM checkpoints as published (see
-        `official_checkpoints`) and refuses a checkpoint that lacks some of the model's weights."""
-        load = super().from_pretrained
-        return load_pretrained(load, cls, pretrained_model_name_or_path, args, kwargs)
+        `official_checkpoints.load_pretrained`)."""
+        return load_pretrained(super().from_pretrained, cls, pretrained_model_name_or_path, args, kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

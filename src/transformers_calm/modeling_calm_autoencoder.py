@@ -293,14 +293,13 @@ class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     # How an official checkpoint's tensors are named in this class, by official kind (official_checkpoints.py).
-    _official_key_mapping = {}
+    _official_key_mapping: dict[str, dict[str, str]] = {}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' `from_pretrained`, which also loads the official CALM autoencoder as published (see
-        `official_checkpoints`) and refuses a checkpoint that lacks some of the model's weights."""
-        load = super().from_pretrained
-        return load_pretrained(load, cls, pretrained_model_name_or_path, args, kwargs)
+        """transformers' `from_pretrained`, which also loads the official CALM checkpoints as published (see
+        `official_checkpoints.load_pretrained`)."""
+        return load_pretrained(super().from_pretrained, cls, pretrained_model_name_or_path, args, kwargs)
 
 
 class CalmAutoencoder(CalmAutoencoderPreTrainedModel):

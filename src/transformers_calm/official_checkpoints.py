@@ -12,8 +12,9 @@ config and convert on load:
 - the weights, through transformers' own loading: a `key_mapping` renames the official tensors while they load, so
   `dtype=`, `device_map=`, `.bin`/`.safetensors` and sharded files work as for any checkpoint.
 
-The result is exactly what `python -m transformers_calm.convert_official` writes (that command stays, for writing a
-converted copy); saving a model loaded this way writes this package's layout.
+The result is exactly what `python -m transformers_calm.convert_official --calm DIR` writes (that command stays, for
+writing a converted copy; given a standalone autoencoder too, `--autoencoder A`, it takes the autoencoder's
+hyper-parameters from A instead of the defaults); saving a model loaded this way writes this package's layout.
 """
 
 import json
@@ -172,11 +173,12 @@ def calm_config_from_official(official: dict, autoencoder_config: dict) -> dict:
     `CalmAutoencoderConfig`). `ae_path` is not read."""
     head_type = official_head_type(official)
     for name in _SHARED_FIELDS:
-        value, expected = official.get(name), autoencoder_config.get(name)
-        if value is not None and expected is not None and value != expected:
+        value = official.get(name)
+        if value is not None and name in autoencoder_config and value != autoencoder_config[name]:
             raise ValueError(
-                f"The CALM checkpoint's {name} ({value}) differs from its autoencoder's ({expected}): they were not "
-                "trained together. Pass the autoencoder this model was trained with."
+                f"The CALM checkpoint's {name} ({value}) differs from its autoencoder's "
+                f"({autoencoder_config[name]}): they were not trained together. Pass the autoencoder this model was "
+                "trained with."
             )
     rope_scaling = official.get("rope_scaling")
     rope_parameters = {"rope_type": "default", "rope_theta": official.get("rope_theta", 10000.0)}
@@ -266,7 +268,7 @@ def config_dict_from_official(config_dict: dict, path, download_kwargs: dict, ex
 def read_config_dict(path, kwargs: dict) -> dict | None:
     """The raw `config.json` of `path` (a folder or repo id), or None where there is none to read."""
     download_kwargs = hub_kwargs(kwargs)
-    if os.path.isfile(str(path)):
+    if path is None or os.path.isfile(str(path)):  # weights given as a state dict, or a config file
         return None
     try:
         file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **download_kwargs)
@@ -290,10 +292,15 @@ def official_key_mapping(model_class, path, kwargs: dict) -> dict | None:
     kind = official_kind(read_config_dict(path, kwargs))
     if kind is None:
         return None
-    mapping = getattr(model_class, "_official_key_mapping", {}).get(kind)
+    mapping = model_class._official_key_mapping.get(kind)
     if mapping is None:
         raise ValueError(_wrong_class_message(path, kind, model_class.__name__))
     return mapping
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return f"{len(names)} tensors ({shown})" if names else "0 tensors"
 
 
 def _wrong_class_message(path, kind: str, class_name: str) -> str:
@@ -318,12 +325,14 @@ def load_pretrained(load, model_class, path, args: tuple, kwargs: dict):
     output_loading_info = kwargs.pop("output_loading_info", False)
     model, info = load(path, *args, key_mapping=key_mapping, output_loading_info=True, **kwargs)
     missing = sorted(info["missing_keys"])
-    if missing:
+    # transformers 4.43's Llama saved its rotary table with the weights: a buffer computed from the config here.
+    unexpected = sorted(name for name in info["unexpected_keys"] if not name.endswith("rotary_emb.inv_freq"))
+    if missing or unexpected:
         raise ValueError(
-            f"{model_class.__name__}.from_pretrained({str(path)!r}): this official checkpoint has no weights for "
-            f"{len(missing)} parameters ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}), which would "
-            "be initialised at random. Is it complete? `python -m transformers_calm.convert_official` names what "
-            "does not match."
+            f"{model_class.__name__}.from_pretrained({str(path)!r}): this official checkpoint does not match the "
+            f"official architecture: {_names(missing)} would be initialised at random (no weights for them), and "
+            f"{_names(unexpected)} in it have no place in the model. `python -m transformers_calm.convert_official` "
+            "reads the official tensors without this loading path."
         )
     # Saving writes this package's layout, not the official one transformers would restore from the mapping.
     model._weight_conversions = None

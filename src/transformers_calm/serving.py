@@ -31,14 +31,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 from transformers.utils.import_utils import is_serve_available
 
-# transformers' serving package (`transformers.cli.serving`) is internal and changes between releases (5.10's
-# handlers, streamer and app factory take other arguments): this module is built on 5.24's.
-SERVE_EXTRA = "transformers[serving]>=5.24"  # fastapi, uvicorn, openai, pydantic, starlette, rich
-if not is_serve_available() or Version(transformers.__version__) < Version("5.24"):
-    raise ImportError(
-        f"calm serve needs transformers' server (transformers >= 5.24, this is {transformers.__version__}) and its "
-        f"serving dependencies: pip install '{SERVE_EXTRA}'"
-    )
+# transformers' serving package (`transformers.cli.serving`) is internal and changes between releases: 5.10's
+# handlers, streamer and app factory take other arguments, and 5.25 rewrote it around a model process (EngineClient,
+# GenerateRunner). This module is built on 5.24's.
+SERVE_EXTRA = "transformers[serving]>=5.24,<5.25"  # fastapi, uvicorn, openai, pydantic, starlette, rich
+SUPPORTED = (Version("5.24"), Version("5.25"))
+
+
+def _check_transformers() -> None:
+    version = Version(transformers.__version__)
+    if not SUPPORTED[0] <= version < SUPPORTED[1]:
+        raise ImportError(
+            f"calm serve is built on transformers 5.24's server, and this is transformers {transformers.__version__} "
+            f"(5.25 rewrote its serving internals): pip install '{SERVE_EXTRA}'"
+        )
+    if not is_serve_available():
+        raise ImportError(f"calm serve needs transformers' serving dependencies: pip install '{SERVE_EXTRA}'")
+
+
+_check_transformers()
 
 from transformers.cli.serving.chat_completion import ChatCompletionHandler  # noqa: E402
 from transformers.cli.serving.completion import CompletionHandler  # noqa: E402
@@ -146,13 +157,38 @@ class CalmModelManager(ModelManager):
         return model.to(device).eval()
 
 
+def pad_prompt_at_end(inputs: dict, patch_size: int, pad_token_id: int | None) -> dict:
+    """The request's prompt right-padded with the pad token to whole chunks of K, the pads read as tokens (attention
+    1): how `transformers_calm.sft` trains prompts (`generate` would fill it at its start, masked)."""
+    if pad_token_id is None:
+        raise CalmRequestError("--pad_prompts_at_end needs the model's pad_token_id (its generation config has none).")
+    fill = -inputs["input_ids"].shape[-1] % patch_size
+    if not fill:
+        return inputs
+    input_ids = inputs["input_ids"]
+    padded = {
+        **inputs,
+        "input_ids": torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], fill), pad_token_id)], -1),
+    }
+    if inputs.get("attention_mask") is not None:
+        mask = inputs["attention_mask"]
+        padded["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], fill))], -1)
+    return padded
+
+
 class CalmGenerateManager(GenerateManager):
     """transformers' `GenerateManager` (`model.generate` on one inference thread, requests in turn), which checks a
     request before it starts (`check_generate_request`), draws from the request's own seeded generator and reports
     an error raised during a streamed generation as a well-formed SSE error event."""
 
+    def __init__(self, pad_prompts_at_end: bool = False):
+        super().__init__()
+        self.pad_prompts_at_end = pad_prompts_at_end
+
     def _prepare(self, model, processor, inputs, gen_config) -> dict:
         request = gen_config.__dict__.pop("_calm_request", {})
+        if self.pad_prompts_at_end:
+            inputs = pad_prompt_at_end(inputs, model.config.patch_size, model.generation_config.pad_token_id)
         if request.get("default_length"):
             length = inputs["input_ids"].shape[-1]
             room = model.config.max_tokens - (-length % model.config.patch_size) - length
@@ -203,9 +239,13 @@ class CalmGenerationState(GenerationState):
             )
         return False
 
+    def __init__(self, *args, pad_prompts_at_end: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad_prompts_at_end = pad_prompts_at_end
+
     def get_manager(self, model_id: str, use_cb: bool = False):
         if model_id not in self._generate_managers:
-            self._generate_managers[model_id] = CalmGenerateManager()
+            self._generate_managers[model_id] = CalmGenerateManager(self.pad_prompts_at_end)
         return self._generate_managers[model_id]
 
 
@@ -233,8 +273,11 @@ class CalmHandlerMixin:
                 setattr(config, name, body[name])
         if config.do_sample is False and config.temperature == 0:
             config.temperature = None  # OpenAI's temperature 0 (greedy): CALM's do_sample=False, the mode
+        seed = body.get("seed")
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**63):
+            raise CalmRequestError(f"seed must be an integer in [0, 2**63), got {seed!r}.", param="seed")
         config._calm_request = {
-            "seed": body.get("seed"),
+            "seed": seed,
             "default_length": all(body.get(name) is None for name in LENGTH_FIELDS),
         }
         return config
@@ -271,6 +314,7 @@ def build_calm_app(
     compile: bool = False,
     chat_template: str | None = None,
     enable_cors: bool = False,
+    pad_prompts_at_end: bool = False,
 ):
     """transformers' FastAPI app (`transformers.cli.serving.build_server`) serving the CALM `model` (a folder or a
     Hub id, loaded now): `/v1/chat/completions`, `/v1/completions`, `/v1/responses` (streamed or not),
@@ -289,7 +333,9 @@ def build_calm_app(
         force_model=model,
         chat_template=chat_template,
     )
-    state = CalmGenerationState(continuous_batching=continuous_batching, compile=compile)
+    state = CalmGenerationState(
+        continuous_batching=continuous_batching, compile=compile, pad_prompts_at_end=pad_prompts_at_end
+    )
     app = build_server(
         manager,
         CalmChatCompletionHandler(manager, state),

@@ -7,8 +7,9 @@ the prompt's last chunk would share that chunk with the prompt: masked, the answ
 trained; unmasked, the model would be trained to write the end of the prompt. So the prompt (everything before the
 answer: for conversations, the chat template's rendering up to the assistant's turn, `add_generation_prompt=True`) is
 right-padded with the pad token to a multiple of K, and the answer starts a chunk. Generation must read the prompt the
-same way: [`sft_generation_inputs`] pads it identically (CALM's `generate` would otherwise left-fill the prompt, which
-puts the answer's first token in the middle of a chunk the model never saw at training).
+same way: [`sft_generation_inputs`] pads it identically. (CALM's `generate` fills a prompt at its start instead, with
+masked tokens: the answer still starts a chunk, but the prompt's tokens fall into other chunks than in training, and
+its end has none of the pads training read; `calm serve --pad_prompts_at_end` pads as training does.)
 
 An example becomes `prompt + pads | completion + EOS + pads`: labels -100 on the prompt's chunks, the token ids on
 the completion's (its EOS and trailing pads included, as in the `aligned` pre-training recipe of `data.py`, so that the
@@ -200,7 +201,9 @@ def tokenize_sft_dataset(
         completion_only_loss (`bool`): mask the prompt's chunks (default).
         map_kwargs: passed to `datasets.map` (e.g. `num_proc`, `desc`).
     """
-    _check_columns(dataset.column_names or next(iter(dataset)).keys())
+    # A streamed dataset may not know its columns before its first example.
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    _check_columns(columns)
     _check_special_tokens(tokenizer)
     eos = tokenizer.eos_token_id
 
@@ -210,7 +213,7 @@ def tokenize_sft_dataset(
             prompt_ids, completion_ids, patch_size, tokenizer.pad_token_id, eos, max_length, completion_only_loss
         )
 
-    tokenized = dataset.map(tokenize, remove_columns=dataset.column_names, **map_kwargs)
+    tokenized = dataset.map(tokenize, remove_columns=columns, **map_kwargs)
     # The first chunk is never a target (nothing precedes it): an example needs a valid label after it.
     return tokenized.filter(lambda example: any(label != IGNORE_INDEX for label in example["labels"][patch_size:]))
 
@@ -300,7 +303,10 @@ class CalmSFTDataCollator:
         if "position_ids" in features[0]:
             if len(set(lengths)) > 1:
                 raise ValueError(f"Packed blocks must have the same length, got {sorted(set(lengths))}.")
-            return {key: torch.tensor([f[key] for f in features]) for key in ("input_ids", "labels", "position_ids")}
+            batch = {key: torch.tensor([f[key] for f in features]) for key in ("input_ids", "labels", "position_ids")}
+            # Packed examples stay apart only without a cache (transformers reads restarting positions as separate
+            # sequences only then): in eval mode the model would otherwise build one, and examples would see each other.
+            return {**batch, "use_cache": False}
         width = max(lengths)
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for feature, length in zip(features, lengths, strict=True):
@@ -359,10 +365,12 @@ def generate_completions(model, tokenizer, prompts, batch_size: int = 64, **gene
     was_training = model.training
     model.eval()
     answers = []
-    for start in range(0, len(prompts), batch_size):
-        inputs = sft_generation_inputs(prompts[start : start + batch_size], tokenizer, patch_size, device)
-        sequences = model.generate(**inputs, **generate_kwargs)
-        new = sequences[:, inputs["input_ids"].shape[1] :]
-        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-    model.train(was_training)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            inputs = sft_generation_inputs(prompts[start : start + batch_size], tokenizer, patch_size, device)
+            sequences = model.generate(**inputs, **generate_kwargs)
+            new = sequences[:, inputs["input_ids"].shape[1] :]
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
     return answers
