@@ -38,7 +38,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import QUICK_SIZES, add_model_arguments, apply_preset, build_models  # noqa: E402
+from bench_generate import QUICK_SIZES, add_model_arguments, apply_preset, build_models, timed_runs  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serve_cpu.json")
 
@@ -64,13 +64,14 @@ def generate_baseline(model: str, prompt: str, new_tokens: int, repeats: int, se
 
     calm = AutoModelForCausalLM.from_pretrained(model).eval()
     ids = AutoTokenizer.from_pretrained(model)(prompt, return_tensors="pt")
-    rates = []
-    for run in range(repeats + 1):  # the first is a warm-up
-        generator = torch.Generator().manual_seed(seed + run)
-        start = time.perf_counter()
-        out = calm.generate(**ids, max_new_tokens=new_tokens, temperature=1.0, generator=generator)
-        rates.append((out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - start))
-    return statistics.median(rates[1:])
+    generator = torch.Generator().manual_seed(seed)
+
+    def generate():
+        return calm.generate(**ids, max_new_tokens=new_tokens, temperature=1.0, generator=generator)
+
+    generate()  # warm-up
+    seconds, out = timed_runs(generate, repeats, synchronize=lambda: None)
+    return (out.shape[1] - ids["input_ids"].shape[1]) / seconds
 
 
 def free_port() -> int:

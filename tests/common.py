@@ -92,7 +92,7 @@ def mocked_hub(remote_card: ModelCard | None = None, card_error: Exception | Non
 
 def write_sharded(state_dict, directory, extension):
     """Split an official state dict over two files plus an index, as transformers 4.43 writes large checkpoints."""
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     names = sorted(state_dict)
     halves = (names[: len(names) // 2], names[len(names) // 2 :])
     prefix = "model" if extension == "safetensors" else "pytorch_model"

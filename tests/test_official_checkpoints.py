@@ -48,11 +48,7 @@ def official_folder(source, destination, layout, ae_path=AUTHORS_SERVER):
     if layout == "bin":
         torch.save(state_dict, destination / "pytorch_model.bin")
     else:
-        sharded = destination.parent / f"{destination.name}-shards"
-        write_sharded(state_dict, sharded, layout.split("-")[1])
-        for file in sharded.iterdir():
-            shutil.move(str(file), destination / file.name)
-        sharded.rmdir()
+        write_sharded(state_dict, destination, layout.split("-")[1])
     return destination
 
 

@@ -31,6 +31,7 @@ from .official_checkpoints import (
     autoencoder_config_from_official,
     calm_config_from_official,
     embedded_autoencoder_config,
+    weight_files,
 )
 
 # Official CALM tensor-name prefixes -> ours. `generative_head.*` duplicates `mlp_generator.*` (one module registered
@@ -46,33 +47,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def load_official_state_dict(directory: str) -> dict[str, torch.Tensor]:
     """All tensors of an official checkpoint directory: `.safetensors` or `.bin`, single file or sharded with an
-    index, preferring safetensors when both exist."""
-    for index_name, single_name in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        index_path = os.path.join(directory, index_name)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.exists(os.path.join(directory, single_name)):
-            files = [single_name]
-        else:
-            continue
-        state_dict = {}
-        for name in files:
-            path = os.path.join(directory, name)
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+    index, preferring safetensors when both exist (`official_checkpoints.weight_files`)."""
+    state_dict = {}
+    for path in weight_files(directory):
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-                state_dict.update(load_file(path))
-            else:
-                state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
-        return state_dict
-    raise FileNotFoundError(
-        f"No weights in {directory!r}: expected model.safetensors, pytorch_model.bin, or a sharded index "
-        "(model.safetensors.index.json / pytorch_model.bin.index.json)."
-    )
+            state_dict.update(load_file(path))
+        else:
+            state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state_dict
 
 
 def autoencoder_state_dict_from_official(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict:

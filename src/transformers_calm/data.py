@@ -47,9 +47,15 @@ __all__ = [
     "documents_to_ids",
     "load_blocks",
     "load_documents",
+    "pad_to_chunks",
     "prepare_tokenizer",
     "split_documents",
 ]
+
+
+def pad_to_chunks(ids: list[int], patch_size: int, pad_token_id: int) -> list[int]:
+    """`ids` followed by pad ids up to a multiple of K (`patch_size`): what comes next then starts a chunk."""
+    return list(ids) + [pad_token_id] * (-len(ids) % patch_size)
 
 
 def _check_packing(packing: str) -> str:
@@ -106,7 +112,7 @@ def documents_to_ids(texts, tokenizer, patch_size, return_lengths=False, packing
             ids = ids + [eos]
         lengths.append(len(ids))
         if packing == "aligned":
-            ids = ids + [pad] * (-len(ids) % patch_size)
+            ids = pad_to_chunks(ids, patch_size, pad)
         all_ids.append(ids)
     return (all_ids, lengths) if return_lengths else all_ids
 

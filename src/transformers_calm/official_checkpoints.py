@@ -202,9 +202,9 @@ def hub_kwargs(kwargs: dict) -> dict:
     return {name: kwargs[name] for name in _HUB_KWARGS if kwargs.get(name) is not None}
 
 
-def weight_shapes(path: str, **download_kwargs) -> dict[str, tuple]:
-    """Name -> shape of every tensor of the checkpoint at `path` (a folder or a Hub repo id): safetensors headers are
-    read without loading a tensor; `.bin` files are memory-mapped. Sharded checkpoints through their index."""
+def weight_files(path, **download_kwargs) -> list[str]:
+    """The local paths of the weight files of the checkpoint at `path` (a folder or a Hub repo id, downloaded then):
+    `.safetensors` or `.bin`, single or sharded with an index, safetensors first where both are there."""
     for index_name, single_name in _WEIGHT_FILES:
         index = cached_file(path, index_name, _raise_exceptions_for_missing_entries=False, **download_kwargs)
         if index is not None:
@@ -214,14 +214,20 @@ def weight_shapes(path: str, **download_kwargs) -> dict[str, tuple]:
             names = [single_name]
         else:
             continue
-        shapes = {}
-        for name in names:
-            shapes.update(_file_shapes(cached_file(path, name, **download_kwargs)))
-        return shapes
-    raise OSError(
-        f"No weights in {path!r}: an official CALM checkpoint holds model.safetensors or pytorch_model.bin, single or "
-        "sharded with an index."
+        return [cached_file(path, name, **download_kwargs) for name in names]
+    raise FileNotFoundError(
+        f"No weights in {str(path)!r}: expected model.safetensors, pytorch_model.bin, or a sharded index "
+        "(model.safetensors.index.json / pytorch_model.bin.index.json)."
     )
+
+
+def weight_shapes(path, **download_kwargs) -> dict[str, tuple]:
+    """Name -> shape of every tensor of the checkpoint at `path` (see `weight_files`): safetensors headers are read
+    without loading a tensor; `.bin` files are memory-mapped."""
+    shapes = {}
+    for file in weight_files(path, **download_kwargs):
+        shapes.update(_file_shapes(file))
+    return shapes
 
 
 def _file_shapes(file: str) -> dict[str, tuple]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import pad_to_chunks
+
 IGNORE_INDEX = -100
 
 __all__ = [
@@ -164,11 +166,11 @@ def align_example(
         raise ValueError("The prompt is empty: it needs at least one token (e.g. the tokenizer's BOS).")
     if max_length is not None and (max_length <= 0 or max_length % patch_size):
         raise ValueError(f"max_length ({max_length}) must be a positive multiple of K = {patch_size}.")
-    prompt = list(prompt_ids) + [pad_token_id] * (-len(prompt_ids) % patch_size)
+    prompt = pad_to_chunks(prompt_ids, patch_size, pad_token_id)
     completion = list(completion_ids)
     if eos_token_id is not None and (not completion or completion[-1] != eos_token_id):
         completion.append(eos_token_id)
-    completion += [pad_token_id] * (-len(completion) % patch_size)
+    completion = pad_to_chunks(completion, patch_size, pad_token_id)
     labels = ([IGNORE_INDEX] * len(prompt) if completion_only_loss else list(prompt)) + completion
     input_ids = prompt + completion
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
@@ -338,7 +340,7 @@ def sft_generation_inputs(prompts, tokenizer, patch_size: int, device=None) -> d
         ids = encode_prompt(tokenizer, example_prompt(prompt) if isinstance(prompt, dict) else prompt)
         if not ids:
             raise ValueError("An empty prompt: it needs at least one token (e.g. the tokenizer's BOS).")
-        rows.append(ids + [tokenizer.pad_token_id] * (-len(ids) % patch_size))
+        rows.append(pad_to_chunks(ids, patch_size, tokenizer.pad_token_id))
     width = max(len(row) for row in rows)
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows])
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
